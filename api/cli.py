@@ -18,14 +18,14 @@ from rich.markdown import Markdown
 from rich.progress import Progress
 
 from api.client import ServiceError, WarpClient
-from api.embedded import REPO, EmbeddedService, free_port
+from api.embedded import EmbeddedService, free_port
 from warp_core.cli import (
     PROGRESS_COLUMNS,
     ProgressView,
     make_toy_model_command,
     run_command,
-    show_summary,
 )
+from warp_core.comparison import comparison_specs, labels, variant
 from warp_core.events import Event
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -54,27 +54,33 @@ def serve(
 
 
 @app.command()
-def demo(home: HomeOption = Path(".warp")) -> None:
-    """Start the service embedded, submit a demo WaRP job over HTTP, follow it to the end."""
-    demo_dir = home.resolve() / "demo"
-    console.print("building a tiny Llama chat model offline ...")
-    subprocess.run(
-        [sys.executable, str(REPO / "examples" / "build_tiny_model.py"), "--out", str(demo_dir)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+def demo(
+    home: HomeOption = Path(".warp"),
+    seed: Annotated[int, typer.Option(help="The toy model's seed (its jobs use it too).")] = 0,
+    ablations: Annotated[
+        bool, typer.Option(help="Also run WaRP with no mask and with a random mask.")
+    ] = False,
+) -> None:
+    """Build a tiny safety-aligned model, fine-tune it with WaRP and plainly through the
+    embedded service, and show what each kept of its refusals and gained in utility."""
+    home = home.resolve()
+    toy_dir = home / "demo" / "toy"
+    command = [sys.executable, "-m", "warp_core", "make-toy-model", "--out", str(toy_dir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([*command, "--seed", str(seed)], check=True, env=env, stdout=subprocess.DEVNULL)
+    aligned = json.loads((toy_dir / "toy.json").read_text())["aligned"]
+    console.print(
+        f"toy aligned model in {toy_dir}: held-out refusal rate {aligned['refusal_rate']:.2f}, "
+        f"over-refusal {aligned['over_refusal_rate']:.2f}"
     )
-    spec = (demo_dir / "spec.json").read_text()
+    spec = json.loads((toy_dir / "spec.json").read_text())
     with EmbeddedService(home, free_port()) as service:
         console.print(f"service up on {service.url} (docs: {service.url}/docs)")
-        client = WarpClient(service.url)
-        job = client.submit(json.loads(spec))
-        console.print(f"submitted job {job['id']}")
-        finished = follow(client, job["id"])
-    if finished["status"] != "succeeded":
-        console.print(f"[red]job {finished['status']}:[/red] {finished.get('error')}")
+        plot = home / "demo" / "tradeoff.png"
+        result = run_comparison(WarpClient(service.url), spec, ablations, plot)
+    console.print(f"artifacts (model, metrics, report.md) in {home / 'artifacts' / 'jobs'}/<id>/")
+    if any(job["status"] != "succeeded" for job in result["jobs"]):
         raise typer.Exit(1)
-    show_summary(finished["metrics"], home.resolve() / "artifacts" / "jobs" / job["id"])
 
 
 def sha256_of(path: Path) -> str:
@@ -228,6 +234,9 @@ def compare(
     targets: Annotated[
         list[str], typer.Argument(help="Job ids, or one SPEC.json to run both ways.")
     ],
+    ablations: Annotated[
+        bool, typer.Option(help="With a SPEC.json: also WaRP with no mask and a random mask.")
+    ] = False,
     plot: Annotated[Path | None, typer.Option(help="Write the trade-off plot here.")] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -235,21 +244,41 @@ def compare(
     service = client()
     if len(targets) == 1 and targets[0].endswith(".json"):
         spec = json.loads(Path(targets[0]).read_text())
-        ids = [call(service.submit, {**spec, "method": m})["id"] for m in ("warp", "full")]
-        for job_id in ids:
-            follow(service, job_id)
+        result = run_comparison(service, spec, ablations, plot, as_json)
     else:
-        ids = targets
-    result = call(service.compare, ids)
+        result = call(service.compare, targets)
+        if plot:
+            draw(result, plot)
+        emit(result, as_json, lambda r: show_comparison(r, plot))
+    if any(job["status"] != "succeeded" for job in result["jobs"]):
+        raise typer.Exit(1)
+
+
+def run_comparison(
+    service: WarpClient,
+    spec: dict,
+    ablations: bool,
+    plot: Path | None,
+    as_json: bool = False,
+) -> dict:
+    """Submit the spec's comparison jobs at once, follow each, then show them side by side."""
+    jobs = [call(service.submit, job) for job in comparison_specs(spec, ablations)]
+    for job in jobs:
+        console.print(f"job {job['id']} ({variant(job['spec'])})")
+        follow(service, job["id"])
+    result = call(service.compare, [job["id"] for job in jobs])
     if plot:
-        from warp_core.report import plot_tradeoff  # matplotlib only when a plot is asked for
-
-        plot_tradeoff([(job_label(j), j["metrics"] or {}) for j in result["jobs"]], plot)
+        draw(result, plot)
     emit(result, as_json, lambda r: show_comparison(r, plot))
+    return result
 
 
-def job_label(job: dict) -> str:
-    return f"{job['spec']['method']} {job['id'][:8]}"
+def draw(result: dict, plot: Path) -> None:
+    from warp_core.report import plot_tradeoff  # matplotlib only when a plot is asked for
+
+    names = labels([(job["id"], job["spec"]) for job in result["jobs"]])
+    metrics = [job["metrics"] or {} for job in result["jobs"]]
+    plot_tradeoff(list(zip(names, metrics, strict=True)), plot)
 
 
 def show_comparison(result: dict, plot: Path | None) -> None:

@@ -27,3 +27,10 @@ def tokenizer():
 def model_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny Llama checkpoint (hidden 64, 2 layers, untied lm_head)."""
     return save_checkpoint(tiny_llama(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def toy_cache(tmp_path_factory) -> Path:
+    """One cache of toy aligned models for the session: the default model trains once, for
+    the library-level effect test and the demo alike."""
+    return tmp_path_factory.mktemp("toy-cache")

@@ -13,9 +13,9 @@ from warp_core.toy import ToyConfig, make_toy_model
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, toy_cache):
     out = tmp_path_factory.mktemp("toy")
-    make_toy_model(out, ToyConfig(), cache_dir=tmp_path_factory.mktemp("toy-cache"))
+    make_toy_model(out, ToyConfig(), cache_dir=toy_cache)
     return out
 
 

@@ -16,38 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 
-METRICS = (
-    ("refusal_rate", "refusal rate (harmful)", "higher keeps safety"),
-    ("over_refusal_rate", "over-refusal (benign)", "lower is better"),
-    ("utility_loss", "utility loss", "lower is better"),
-    ("gsm8k_accuracy", "GSM8K accuracy", "higher is better"),
-    ("mbpp_pass_at_1", "MBPP pass@1", "higher is better"),
-)
-
-Entry = tuple[str, dict[str, Any]]
-"""(label, metrics.json content) of one job."""
-
-
-def _value(metrics: dict[str, Any] | None, key: str) -> str:
-    value = (metrics or {}).get(key)
-    return "-" if value is None else f"{value:.3f}"
-
-
-def comparison_markdown(entries: Sequence[Entry]) -> str:
-    """A Markdown table: one row per metric, before/after columns per job."""
-    header = (
-        "| metric | " + " | ".join(f"{label} before | {label} after" for label, _ in entries) + " |"
-    )
-    rule = "| --- |" + " --- | --- |" * len(entries)
-    rows = []
-    for key, name, hint in METRICS:
-        if all((m.get("before") or {}).get(key) is None for _, m in entries):
-            continue
-        cells = " | ".join(
-            f"{_value(m.get('before'), key)} | {_value(m.get('after'), key)}" for _, m in entries
-        )
-        rows.append(f"| {name} ({hint}) | {cells} |")
-    return "\n".join([header, rule, *rows])
+from warp_core.comparison import Entry, comparison_markdown, variant
 
 
 def plot_tradeoff(entries: Sequence[Entry], path: Path) -> Path:
@@ -99,7 +68,7 @@ def settings_lines(spec: dict[str, Any]) -> list[str]:
 
 def write_report(out_dir: Path, metrics: dict[str, Any], spec: dict[str, Any]) -> None:
     """`report.md` and `report.png` for one finished job."""
-    label = spec["method"]
+    label = variant(spec)
     plot_tradeoff([(label, metrics)], out_dir / "report.png")
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in metrics["timings"].items())
     text = "\n".join(

@@ -18,7 +18,7 @@ from api.dispatch import dispatch_job, revoke
 from api.errors import ERROR_RESPONSES, ApiError
 from api.jobs import service
 from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut, JobStatus, Page
-from warp_core.report import comparison_markdown
+from warp_core.comparison import comparison_markdown, labels
 from warp_core.spec import JobSpec
 from worker.storage import CHUNK
 
@@ -64,7 +64,8 @@ def compare_jobs(
     settings and the refusal rule, plus the same as a Markdown table."""
     with session_scope() as session:
         jobs = [JobOut.of(service.get_job(session, job_id)) for job_id in ids]
-    entries = [(f"{job.spec['method']} {job.id[:8]}", job.metrics or {}) for job in jobs]
+    names = labels([(job.id, job.spec) for job in jobs])
+    entries = [(name, job.metrics or {}) for name, job in zip(names, jobs, strict=True)]
     rules = {job.metrics["refusal_rule"] for job in jobs if job.metrics}
     return Comparison(
         jobs=jobs,

@@ -26,23 +26,29 @@ def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def compared(service, tiny_job, tmp_path_factory):
-    """`warp compare SPEC.json`: the spec run as warp and as full, side by side."""
+    """`warp compare SPEC.json --ablations`: the spec run as warp, full and the two WaRP
+    ablations, side by side."""
     folder = tmp_path_factory.mktemp("cli")
     spec = copy.deepcopy(tiny_job)
     spec["hyperparameters"]["max_steps"] = 2
     (folder / "spec.json").write_text(json.dumps(spec))
+    plot = str(folder / "plot.png")
     result = warp(
-        service, "compare", str(folder / "spec.json"), "--plot", str(folder / "plot.png"), "--json"
+        service, "compare", str(folder / "spec.json"), "--ablations", "--plot", plot, "--json"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout), folder
 
 
-def test_compare_runs_both_methods_side_by_side(compared):
+def test_compare_runs_both_methods_and_the_ablations_side_by_side(compared):
     result, folder = compared
-    assert [job["spec"]["method"] for job in result["jobs"]] == ["warp", "full"]
+    assert [job["spec"]["method"] for job in result["jobs"]] == ["warp", "full", "warp", "warp"]
+    assert [job["spec"]["hyperparameters"]["keep_ratio"] for job in result["jobs"]][2] == 0
+    assert result["jobs"][3]["spec"]["hyperparameters"]["mask_strategy"] == "random"
     assert all(job["status"] == "succeeded" for job in result["jobs"])
-    assert "refusal rate" in result["markdown"] and result["refusal_rule"]
+    rows = [line.split(" | ")[0] for line in result["markdown"].splitlines()[2:6]]
+    assert rows == ["| warp", "| full", "| warp, no mask", "| warp, random mask"]
+    assert "of full's utility-loss drop" in result["markdown"] and result["refusal_rule"]
     assert (folder / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
