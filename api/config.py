@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one job before it fails instead of running again."
     )
+    auth_required: bool = Field(
+        True, description="Require an API key; only embedded mode turns this off."
+    )
+    rate_limit_per_minute: int = Field(
+        1200, ge=1, description="Requests per minute per API key (a key may set its own)."
+    )
+    max_active_jobs: int = Field(
+        8, ge=1, description="Queued or running jobs per API key (a key may set its own)."
+    )
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -40,7 +40,8 @@ class EmbeddedService:
         self._redis_server = None
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, "WARP_HOME": str(self.home)}
+        # One user on one machine: no API keys (the only place auth is switched off for you).
+        env = {"WARP_AUTH_REQUIRED": "false", **os.environ, "WARP_HOME": str(self.home)}
         if not env.get("WARP_REDIS_URL"):
             env["WARP_REDIS_URL"] = self._start_redis()
         return env

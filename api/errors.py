@@ -33,8 +33,10 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    404: {"description": "Unknown id"},
+    401: {"description": "No API key, or an unknown or revoked one"},
+    404: {"description": "Unknown id, or one that belongs to another API key"},
     422: {"description": "Invalid request; `error.fields` names each field and the reason"},
+    429: {"description": "Past the key's request rate or active-job limit; see Retry-After"},
     503: {"description": "A dependency (database, Redis) is unavailable"},
 }
 

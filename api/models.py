@@ -1,23 +1,42 @@
-"""Tables: jobs, their events and artifacts, uploaded files. PostgreSQL is the source of truth."""
+"""Tables: API keys, jobs, their events and artifacts, uploaded files. PostgreSQL is the
+source of truth."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from api.db import Base, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-STATUSES = ("queued", "running", "cancelling", *TERMINAL)
+ACTIVE = ("queued", "running", "cancelling")
+STATUSES = (*ACTIVE, *TERMINAL)
+
+
+class ApiKey(Base):
+    """A caller. Only the key's SHA-256 is stored: keys are 256-bit random tokens, so a fast
+    hash is as safe as a slow one and costs nothing per request."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    rate_limit_per_minute: Mapped[int | None] = mapped_column()
+    max_active_jobs: Mapped[int | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     phase: Mapped[str | None] = mapped_column(String(16))
     progress_fraction: Mapped[float] = mapped_column(default=0.0)
@@ -72,6 +91,7 @@ class UploadedFile(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     size: Mapped[int] = mapped_column(BigInteger)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from fastapi import APIRouter, Header, UploadFile
 from pydantic import BaseModel
 
+from api.auth import CallerDep
 from api.config import settings
 from api.db import session_scope, utcnow
 from api.deps import StoreDep
@@ -81,6 +82,7 @@ def _parse(path: Path, fmt: str) -> tuple[int, list[str]]:
 def upload_file(
     file: UploadFile,
     store: StoreDep,
+    caller: CallerDep,
     content_length: Annotated[int | None, Header()] = None,
 ) -> FileOut:
     """A CSV, JSON, JSONL or Parquet dataset; checked by parsing it before it is accepted."""
@@ -102,6 +104,7 @@ def upload_file(
             stored = store.put(source, store.file_path(file_id, Path(filename).suffix[1:]))
     row = UploadedFile(
         id=file_id,
+        owner_id=caller.key_id,
         filename=filename,
         format=fmt,
         size=stored.size,
@@ -116,9 +119,9 @@ def upload_file(
 
 
 @router.get("/{file_id}", response_model=FileOut)
-def get_file(file_id: str) -> FileOut:
+def get_file(file_id: str, caller: CallerDep) -> FileOut:
     with session_scope() as session:
         row = session.get(UploadedFile, file_id)
-    if row is None:
+    if row is None or not caller.owns(row.owner_id):
         raise not_found("file", file_id)
     return FileOut.of(row)

@@ -12,6 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from sse_starlette.sse import EventSourceResponse
 
+from api.auth import Caller, CallerDep
 from api.db import session_scope
 from api.deps import RedisDep, StoreDep
 from api.dispatch import dispatch_job, revoke
@@ -31,11 +32,12 @@ def submit_job(
     spec: JobSpec,
     response: Response,
     background: BackgroundTasks,
+    caller: CallerDep,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> JobOut:
     """Queue a job. The same Idempotency-Key and body return the same job; another body, 409."""
     with session_scope() as session:
-        job, created = service.create_job(session, spec, idempotency_key)
+        job, created = service.create_job(session, spec, idempotency_key, caller)
         out = JobOut.of(job)
     if created:
         background.add_task(dispatch_job, job.id)
@@ -46,24 +48,26 @@ def submit_job(
 
 @router.get("", response_model=Page[JobOut])
 def list_jobs(
+    caller: CallerDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 20,
     after: Annotated[str | None, Query(description="Last job id of the previous page")] = None,
 ) -> Page[JobOut]:
     """Jobs, newest first, cursor-paginated."""
     with session_scope() as session:
-        jobs, has_more = service.list_jobs(session, status, limit, after)
+        jobs, has_more = service.list_jobs(session, status, limit, after, caller)
         return Page[JobOut](data=[JobOut.of(job) for job in jobs], has_more=has_more)
 
 
 @compare_router.get("/v1/compare", response_model=Comparison)
 def compare_jobs(
+    caller: CallerDep,
     ids: Annotated[list[str], Query(min_length=1, max_length=8, description="Job ids")],
 ) -> Comparison:
     """Jobs side by side (typically `warp` and `full` on one spec): before/after metrics,
     settings and the refusal rule, plus the same as a Markdown table."""
     with session_scope() as session:
-        jobs = [JobOut.of(service.get_job(session, job_id)) for job_id in ids]
+        jobs = [JobOut.of(service.get_job(session, job_id, caller)) for job_id in ids]
     names = labels([(job.id, job.spec) for job in jobs])
     entries = [(name, job.metrics or {}) for name, job in zip(names, jobs, strict=True)]
     rules = {job.metrics["refusal_rule"] for job in jobs if job.metrics}
@@ -75,27 +79,28 @@ def compare_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str) -> JobOut:
+def get_job(job_id: str, caller: CallerDep) -> JobOut:
     with session_scope() as session:
-        return JobOut.of(service.get_job(session, job_id))
+        return JobOut.of(service.get_job(session, job_id, caller))
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"description": "Done"}})
-def cancel_job(job_id: str, client: RedisDep) -> JobOut:
+def cancel_job(job_id: str, client: RedisDep, caller: CallerDep) -> JobOut:
     """Cancel: immediate for a queued job, cooperative (next step) for a running one."""
     with session_scope() as session:
-        return JobOut.of(service.cancel_job(session, client, job_id, revoke))
+        return JobOut.of(service.cancel_job(session, client, job_id, revoke, caller))
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut])
 def list_events(
     job_id: str,
+    caller: CallerDep,
     after: Annotated[int, Query(ge=0, description="Last seq already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Page[EventOut]:
     """A job's events in `seq` order (1, 2, 3, ... without gaps)."""
     with session_scope() as session:
-        events, has_more = service.list_events(session, job_id, after, limit)
+        events, has_more = service.list_events(session, job_id, after, limit, caller)
         return Page[EventOut](data=[EventOut.of(e) for e in events], has_more=has_more)
 
 
@@ -103,24 +108,28 @@ def list_events(
 async def stream_events(
     job_id: str,
     request: Request,
+    caller: CallerDep,
     after: Annotated[int, Query(ge=0)] = 0,
     last_event_id: Annotated[int | None, Header()] = None,
 ) -> EventSourceResponse:
     """The events as Server-Sent Events (`id` = seq), live until the job ends."""
-    await run_in_threadpool(_events_page, job_id, 0)  # 404 before the stream starts
+    await run_in_threadpool(_events_page, job_id, 0, caller)  # 404 before the stream starts
     start = last_event_id if last_event_id is not None else after
-    return EventSourceResponse(_event_stream(job_id, start, request), ping=15)
+    return EventSourceResponse(_event_stream(job_id, start, request, caller), ping=15)
 
 
-def _events_page(job_id: str, after: int) -> tuple[list[EventOut], bool]:
+def _events_page(job_id: str, after: int, caller: Caller) -> tuple[list[EventOut], bool]:
     with session_scope() as session:
-        events, _ = service.list_events(session, job_id, after, 500)
-        return [EventOut.of(e) for e in events], service.get_job(session, job_id).finished
+        events, _ = service.list_events(session, job_id, after, 500, caller)
+        finished = service.get_job(session, job_id, caller).finished
+        return [EventOut.of(e) for e in events], finished
 
 
-async def _event_stream(job_id: str, after: int, request: Request) -> AsyncIterator[dict]:
+async def _event_stream(
+    job_id: str, after: int, request: Request, caller: Caller
+) -> AsyncIterator[dict]:
     while not await request.is_disconnected():
-        events, finished = await run_in_threadpool(_events_page, job_id, after)
+        events, finished = await run_in_threadpool(_events_page, job_id, after, caller)
         for event in events:
             after = event.seq
             yield {"id": str(event.seq), "event": event.kind, "data": event.model_dump_json()}
@@ -131,10 +140,10 @@ async def _event_stream(job_id: str, after: int, request: Request) -> AsyncItera
 
 
 @router.get("/{job_id}/artifacts", response_model=Page[ArtifactOut])
-def list_artifacts(job_id: str) -> Page[ArtifactOut]:
+def list_artifacts(job_id: str, caller: CallerDep) -> Page[ArtifactOut]:
     """Every file of the job's output directory, with its size and sha256."""
     with session_scope() as session:
-        artifacts = service.list_artifacts(session, job_id)
+        artifacts = service.list_artifacts(session, job_id, caller)
     return Page[ArtifactOut](data=[ArtifactOut.of(a) for a in artifacts], has_more=False)
 
 
@@ -169,11 +178,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     responses={206: {"description": "Partial content"}, 416: {"description": "Bad range"}},
 )
 def download_artifact(
-    job_id: str, name: str, store: StoreDep, request: Request
+    job_id: str, name: str, store: StoreDep, request: Request, caller: CallerDep
 ) -> StreamingResponse:
     """The file, streamed; `Range: bytes=a-b` fetches part of it (resumable downloads)."""
     with session_scope() as session:
-        artifact = service.get_artifact(session, job_id, name)
+        artifact = service.get_artifact(session, job_id, name, caller)
     byte_range = parse_range(request.headers.get("range"), artifact.size)
     start, end = byte_range or (0, artifact.size - 1)
     headers = {

@@ -7,13 +7,14 @@ import json
 import uuid
 
 import redis
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api.auth import Caller, too_many
 from api.db import utcnow
 from api.errors import ApiError, not_found
-from api.models import Artifact, Job, JobEvent, UploadedFile
+from api.models import ACTIVE, Artifact, Job, JobEvent, UploadedFile
 from warp_core.spec import JobSpec
 from worker.protocol import UPLOAD_PREFIX, cancel_key
 
@@ -25,17 +26,24 @@ def request_hash(spec: JobSpec) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def create_job(session: Session, spec: JobSpec, idempotency_key: str | None) -> tuple[Job, bool]:
+def create_job(
+    session: Session, spec: JobSpec, idempotency_key: str | None, caller: Caller
+) -> tuple[Job, bool]:
     """A new queued job, or the one already created with this idempotency key and body.
 
-    Returns (job, created). The same key with another body is a 409.
+    Returns (job, created). The same key with another body is a 409; a caller with
+    `max_active_jobs` queued or running jobs gets a 429.
     """
     digest = request_hash(spec)
-    if idempotency_key and (existing := _by_key(session, idempotency_key)):
-        return _replayed(existing, digest), False
-    _check_uploads(session, spec)
+    if idempotency_key:
+        idempotency_key = scoped_key(idempotency_key, caller)
+        if existing := _by_key(session, idempotency_key):
+            return _replayed(existing, digest), False
+    _check_uploads(session, spec, caller)
+    _check_active_jobs(session, caller)
     job = Job(
         id=uuid.uuid4().hex,
+        owner_id=caller.key_id,
         status="queued",
         spec=spec.model_dump(mode="json"),
         idempotency_key=idempotency_key,
@@ -54,6 +62,11 @@ def _by_key(session: Session, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.idempotency_key == key))
 
 
+def scoped_key(idempotency_key: str, caller: Caller) -> str:
+    """Idempotency keys are per API key: two callers may pick the same one."""
+    return hashlib.sha256(f"{caller.key_id}\0{idempotency_key}".encode()).hexdigest()
+
+
 def _replayed(job: Job | None, digest: str) -> Job:
     if job is None or job.request_hash != digest:
         raise ApiError(
@@ -64,13 +77,28 @@ def _replayed(job: Job | None, digest: str) -> Job:
     return job
 
 
-def _check_uploads(session: Session, spec: JobSpec) -> None:
+def _check_active_jobs(session: Session, caller: Caller) -> None:
+    if caller.key_id is None or caller.max_active_jobs is None:
+        return
+    query = select(func.count()).where(Job.owner_id == caller.key_id, Job.status.in_(ACTIVE))
+    active = session.scalar(query)
+    if active >= caller.max_active_jobs:
+        raise too_many(
+            "too_many_active_jobs",
+            f"this key has {active} queued or running jobs (its limit is "
+            f"{caller.max_active_jobs}); submit again when one has finished",
+            60,
+        )
+
+
+def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
     refs = {"safety_data": spec.safety_data, "utility_data": spec.utility_data}
     refs |= {f"eval.{n}": getattr(spec.eval, n) for n in ("harmful", "benign", "utility")}
     for where, ref in refs.items():
         if ref is not None and ref.source.startswith(UPLOAD_PREFIX):
             file_id = ref.source.removeprefix(UPLOAD_PREFIX)
-            if session.get(UploadedFile, file_id) is None:
+            upload = session.get(UploadedFile, file_id)
+            if upload is None or not caller.owns(upload.owner_id):
                 field = f"{where}.source"
                 reason = f"no uploaded file {file_id}"
                 raise ApiError(
@@ -81,23 +109,26 @@ def _check_uploads(session: Session, spec: JobSpec) -> None:
                 )
 
 
-def get_job(session: Session, job_id: str, lock: bool = False) -> Job:
+def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -> Job:
+    """The job, if the caller may see it; another key's job is a 404 like a missing one."""
     job = session.get(Job, job_id, with_for_update=lock)
-    if job is None:
+    if job is None or not caller.owns(job.owner_id):
         raise not_found("job", job_id)
     return job
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, after: str | None
+    session: Session, status: str | None, limit: int, after: str | None, caller: Caller
 ) -> tuple[list[Job], bool]:
     """Newest first; `after` is the id of the last job of the previous page."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+    if not caller.admin:
+        query = query.where(Job.owner_id == caller.key_id)
     if status:
         query = query.where(Job.status == status)
     if after:
         cursor = session.get(Job, after)
-        if cursor is None:
+        if cursor is None or not caller.owns(cursor.owner_id):
             raise ApiError(
                 422,
                 "invalid_request",
@@ -109,12 +140,12 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, client: redis.Redis, job_id: str, revoke) -> Job:
+def cancel_job(session: Session, client: redis.Redis, job_id: str, revoke, caller: Caller) -> Job:
     """Cooperative for a running job (a flag checked every step); immediate for a queued one.
 
     Idempotent: cancelling a cancelling or cancelled job returns it unchanged.
     """
-    job = get_job(session, job_id, lock=True)
+    job = get_job(session, job_id, caller, lock=True)
     if job.status in ("cancelling", "cancelled"):
         return job
     if job.finished:
@@ -129,9 +160,9 @@ def cancel_job(session: Session, client: redis.Redis, job_id: str, revoke) -> Jo
 
 
 def list_events(
-    session: Session, job_id: str, after: int, limit: int
+    session: Session, job_id: str, after: int, limit: int, caller: Caller
 ) -> tuple[list[JobEvent], bool]:
-    get_job(session, job_id)
+    get_job(session, job_id, caller)
     query = (
         select(JobEvent)
         .where(JobEvent.job_id == job_id, JobEvent.seq > after)
@@ -142,15 +173,15 @@ def list_events(
     return rows[:limit], len(rows) > limit
 
 
-def list_artifacts(session: Session, job_id: str) -> list[Artifact]:
-    get_job(session, job_id)
+def list_artifacts(session: Session, job_id: str, caller: Caller) -> list[Artifact]:
+    get_job(session, job_id, caller)
     query = select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)
     return list(session.scalars(query))
 
 
-def get_artifact(session: Session, job_id: str, name: str) -> Artifact:
+def get_artifact(session: Session, job_id: str, name: str, caller: Caller) -> Artifact:
+    get_job(session, job_id, caller)
     artifact = session.get(Artifact, (job_id, name))
     if artifact is None:
-        get_job(session, job_id)
         raise not_found("artifact", f"{job_id}/{name}")
     return artifact

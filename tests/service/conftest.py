@@ -44,32 +44,68 @@ class Service:
     env: dict[str, str]
     http: httpx.Client
     logs: Path
+    key: str
+    """An admin API key, made with `warp admin create-key` (no practical limits)."""
 
 
 def _admin_engine():
     return create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture(scope="session")
-def database() -> Iterator[str]:
-    """A new, migrated database for this session, dropped at the end."""
+def create_database(name: str, env: dict[str, str]) -> None:
+    """A new database, migrated to head with Alembic as a deployment would."""
     admin = _admin_engine()
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{DATABASE}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
     subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],
         cwd=REPO,
-        env=dict(os.environ),
+        env=env,
         check=True,
         capture_output=True,
     )
+
+
+def drop_database(name: str) -> None:
+    admin = _admin_engine()
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def spawn(name: str, command: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:
+    """A service process in its own session (so a test can kill it with its children)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=(logs / f"{name}.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="session")
+def database() -> Iterator[str]:
+    """A new, migrated database for this session, dropped at the end."""
+    create_database(DATABASE, dict(os.environ))
     yield os.environ["WARP_DATABASE_URL"]
     from api.db import engine
 
     engine.dispose()
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
-    admin.dispose()
+    drop_database(DATABASE)
 
 
 @pytest.fixture(scope="session")
@@ -84,32 +120,27 @@ def service(database, redis_client) -> Iterator[Service]:
     port = free_port()
     env = dict(os.environ)
     logs = HOME / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    commands = {"api": api_command(port), "worker": worker_command("gpu")}
     processes = [
-        subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=env,
-            stdout=(logs / f"{name}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-        for name, command in commands.items()
+        spawn("api", api_command(port), env, logs),
+        spawn("worker", worker_command("gpu"), env, logs),
     ]
     url = f"http://127.0.0.1:{port}"
-    http = httpx.Client(base_url=url, timeout=30)
+    unlimited = ("--rate-limit", "1000000", "--max-active-jobs", "1000")
+    key = create_key(env, "tests", "--admin", *unlimited)
+    http = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {key}"})
     try:
         wait_ready(url, processes, logs, timeout_s=60)
-        yield Service(url, env, http, logs)
+        yield Service(url, env, http, logs, key)
     finally:
         http.close()
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(processes)
+
+
+def create_key(env: dict[str, str], name: str, *options: str) -> str:
+    """An API key from the admin command, as an operator would make one."""
+    command = [sys.executable, "-m", "api.cli", "admin", "create-key", "--name", name, *options]
+    made = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return made.stdout.strip()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from api.embedded import REPO
 
 
 def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
-    env = {**service.env, "WARP_API_URL": url or service.url}
+    env = {**service.env, "WARP_API_URL": url or service.url, "WARP_API_KEY": service.key}
     return subprocess.run(
         [sys.executable, "-m", "api.cli", *args],
         cwd=REPO,

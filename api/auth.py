@@ -1,0 +1,135 @@
+"""Who is calling: API keys (`Authorization: Bearer <key>`), what each may see, how fast.
+
+A key is created by `warp admin create-key`; the database keeps only its SHA-256. Jobs and
+uploaded files belong to the key that created them: another key gets a 404 for them, as if
+they did not exist, and only an admin key sees everything. With `WARP_AUTH_REQUIRED=false`
+(set by embedded mode, never by default) every caller is an anonymous admin, unlimited.
+
+Each key has a request rate (a per-minute counter in Redis) and a number of jobs it may have
+queued or running; past either it gets a 429 with `Retry-After`. When Redis is down the rate
+is not counted (status reads keep working from the database); the job limit always holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from fastapi import Depends, Header
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.config import settings
+from api.db import session_scope, utcnow
+from api.deps import RedisDep
+from api.errors import ApiError
+from api.models import ApiKey
+
+KEY_PREFIX = "warp_"
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str | None
+    admin: bool
+    rate_limit_per_minute: int | None = None
+    max_active_jobs: int | None = None
+
+    def owns(self, owner_id: str | None) -> bool:
+        return self.admin or owner_id == self.key_id
+
+
+ANONYMOUS_ADMIN = Caller(key_id=None, admin=True)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_key(
+    session: Session,
+    name: str,
+    admin: bool = False,
+    rate_limit_per_minute: int | None = None,
+    max_active_jobs: int | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key; the secret is returned once and never stored. Limits default to the
+    settings' when None."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(
+        id=uuid.uuid4().hex,
+        name=name,
+        key_hash=hash_key(secret),
+        admin=admin,
+        rate_limit_per_minute=rate_limit_per_minute,
+        max_active_jobs=max_active_jobs,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    return row, secret
+
+
+def revoke_key(session: Session, key_id: str) -> ApiKey | None:
+    row = session.get(ApiKey, key_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
+
+
+def _unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
+
+
+def authenticate(
+    authorization: Annotated[
+        str | None, Header(description="`Bearer <key>`; see `warp admin create-key`")
+    ] = None,
+) -> Caller:
+    if not settings.auth_required:
+        return ANONYMOUS_ADMIN
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise _unauthorized("send an API key: `Authorization: Bearer <key>`")
+    with session_scope() as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip())))
+        if row is None or row.revoked_at is not None:
+            raise _unauthorized("unknown or revoked API key")
+        return Caller(
+            key_id=row.id,
+            admin=row.admin,
+            rate_limit_per_minute=row.rate_limit_per_minute or settings.rate_limit_per_minute,
+            max_active_jobs=row.max_active_jobs or settings.max_active_jobs,
+        )
+
+
+def too_many(code: str, message: str, retry_after_s: int) -> ApiError:
+    return ApiError(429, code, message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: RedisDep) -> Caller:
+    """The caller, if within its request rate this minute (a fixed window in Redis)."""
+    if caller.key_id is None or caller.rate_limit_per_minute is None:
+        return caller
+    now = time.time()
+    window = int(now // 60)
+    counter = f"warp:rate:{caller.key_id}:{window}"
+    try:
+        with client.pipeline() as pipe:
+            count, _ = pipe.incr(counter).expire(counter, 120).execute()
+    except redis.RedisError:
+        return caller  # fail open: reads must work while Redis is down
+    if count > caller.rate_limit_per_minute:
+        raise too_many(
+            "rate_limited",
+            f"more than {caller.rate_limit_per_minute} requests this minute for this key",
+            int((window + 1) * 60 - now) + 1,
+        )
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(rate_limited)]
