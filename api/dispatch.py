@@ -17,11 +17,16 @@ log = logging.getLogger(__name__)
 TASK = "warp.run_job"
 
 
-def _send(job: Job) -> None:
-    # retry=False: fail fast when Redis is down; the dispatcher loop retries.
+def send(job_id: str, spec: dict) -> None:
+    """Put a job on the workers' queue. retry=False: fail fast when Redis is down; the
+    caller's loop tries again."""
     celery_app.send_task(
-        TASK, args=[job.id, job.spec], task_id=job.id, queue=settings.queue, retry=False
+        TASK, args=[job_id, spec], task_id=job_id, queue=settings.queue, retry=False
     )
+
+
+def _send(job: Job) -> None:
+    send(job.id, job.spec)
     job.dispatched_at = utcnow()
 
 

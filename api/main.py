@@ -1,7 +1,8 @@
 """The FastAPI app (`api.main:app`). OpenAPI at /docs and /openapi.json.
 
-The process also runs the event ingester and the job dispatcher as background threads, so
-one `uvicorn api.main:app` is the whole control plane; run several for availability.
+The process also runs the event ingester, the job dispatcher and the lost-worker reaper as
+background threads, so one `uvicorn api.main:app` is the whole control plane; run several
+for availability.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from api.health import router as health_router
 from api.ingest import Ingester
 from api.jobs.endpoints import compare_router
 from api.jobs.endpoints import router as jobs_router
+from api.reaper import Reaper
 
 
 @asynccontextmanager
@@ -29,6 +31,7 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     loops = [
         threading.Thread(target=Ingester(get_redis()).run, args=(stop,), name="ingester"),
         threading.Thread(target=dispatch_forever, args=(stop,), name="dispatcher"),
+        threading.Thread(target=Reaper(get_redis()).run, args=(stop,), name="reaper"),
     ]
     for loop in loops:
         loop.start()

@@ -269,13 +269,16 @@ class Pipeline:
                 eta_s=round(remaining, 1),
             )
 
+        checkpoint = Checkpoint(self.out / "checkpoints" / "finetune.pt")
+        if checkpoint.path.exists():
+            self.emit("log", message="fine-tuning resumes from its last checkpoint")
         steps = train(
             self.model,
             self.slots(),
             examples,
             self.hp,
             pad_token_id(self.tokenizer),
-            Checkpoint(self.out / "checkpoints" / "finetune.pt"),
+            checkpoint,
             on_step=report,
             should_stop=self.check_stop,
         )

@@ -14,9 +14,16 @@ import uuid
 
 import redis
 
+# Renew our lease; take it back if it lapsed (a heartbeat late on a starved machine) and
+# nobody else took it; 0 if another worker holds it now.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -36,6 +43,10 @@ class LeaseHeld(RuntimeError):
     """Another live worker holds the job's lease."""
 
 
+class LeaseLost(RuntimeError):
+    """This worker's lease lapsed and another worker took the job over: stop, quietly."""
+
+
 class Lease:
     def __init__(self, client: redis.Redis, job_id: str, ttl_s: float) -> None:
         self.client = client
@@ -43,6 +54,7 @@ class Lease:
         self.ttl_ms = int(ttl_s * 1000)
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
+        self.lost = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> Lease:
@@ -56,7 +68,14 @@ class Lease:
         while not self._stop.wait(self.ttl_ms / 3000):
             # The client retries; a long outage lets the lease lapse, as it should.
             with contextlib.suppress(redis.RedisError):
-                self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+                if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                    self.lost.set()
+                    return
+
+    def check(self) -> None:
+        """Raise LeaseLost if another worker has taken the job over."""
+        if self.lost.is_set():
+            raise LeaseLost(f"{self.key} was taken over by another worker")
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()

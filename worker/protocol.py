@@ -54,6 +54,16 @@ def attempt_key(job_id: str) -> str:
     return f"warp:job:{job_id}:attempt"
 
 
+def done_key(job_id: str) -> str:
+    """Set (to the final status) once a job has finished: a late duplicate delivery of the
+    job, or the lost-worker reaper, sees it and leaves the job alone."""
+    return f"warp:job:{job_id}:done"
+
+
+DONE_TTL_S = 30 * 24 * 3600
+"""How long the done marker outlives the job: longer than any redelivery can be late."""
+
+
 @dataclass(frozen=True)
 class JobEventMessage:
     """One event as it travels on the stream."""

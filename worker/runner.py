@@ -21,12 +21,14 @@ from pydantic import ValidationError
 from api.config import settings
 from warp_core.preflight import PreflightError, check_spec
 from warp_core.spec import DatasetRef, JobSpec, format_validation_error
-from worker.lease import Lease
+from worker.lease import Lease, LeaseLost
 from worker.protocol import (
+    DONE_TTL_S,
     UPLOAD_PREFIX,
     EventPublisher,
     attempt_key,
     cancel_key,
+    done_key,
     redis_client,
 )
 from worker.storage import ArtifactStore
@@ -49,10 +51,13 @@ class JobRunner:
         """Run the job to a terminal status and report it; returns that status.
 
         Raises LeaseHeld when another live worker is running the job (the task retries).
+        A delivery of a job that has already finished does nothing.
         """
+        if finished := self.client.get(done_key(self.job_id)):
+            return finished.decode()
         if self.client.exists(cancel_key(self.job_id)):
             return self.finish("cancelled")
-        with Lease(self.client, self.job_id, settings.lease_s):
+        with Lease(self.client, self.job_id, settings.lease_s) as self.lease:
             attempt = self.client.incr(attempt_key(self.job_id))
             if attempt > settings.max_attempts:
                 message = (
@@ -78,6 +83,9 @@ class JobRunner:
             return self.finish("succeeded", metrics=metrics)
         except Cancelled:
             return self.finish("cancelled")
+        except LeaseLost:
+            log.warning("job %s: another worker took it over; this attempt stops", self.job_id)
+            return "taken_over"
         except PreflightError as exc:
             return self.finish("failed", error={"code": "invalid_job", "message": str(exc)})
         except SoftTimeLimitExceeded:
@@ -134,6 +142,8 @@ class JobRunner:
         self.events.publish(event.kind, event.phase, **event.data)
 
     def should_stop(self) -> bool:
+        """True once the job is cancelled; raises LeaseLost once another worker runs it."""
+        self.lease.check()
         now = time.monotonic()
         if now - self._last_poll < settings.cancel_poll_s:
             return False
@@ -143,5 +153,6 @@ class JobRunner:
     def finish(self, status: str, **data: Any) -> str:
         """The final event. Scratch space goes; a crash (no finish) keeps it for the resume."""
         self.events.publish("finished", status=status, **data)
+        self.client.set(done_key(self.job_id), status, ex=DONE_TTL_S)
         shutil.rmtree(self.out, ignore_errors=True)
         return status

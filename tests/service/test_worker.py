@@ -8,8 +8,8 @@ import uuid
 import pytest
 
 from api.config import settings
-from worker.lease import Lease, LeaseHeld, lease_key
-from worker.protocol import JobEventMessage, attempt_key
+from worker.lease import Lease, LeaseHeld, LeaseLost, lease_key
+from worker.protocol import JobEventMessage, attempt_key, cancel_key
 from worker.runner import JobRunner
 
 
@@ -45,6 +45,21 @@ def test_the_heartbeat_keeps_a_live_lease(redis_client):
         assert redis_client.exists(lease_key(job_id))
 
 
+def test_a_lapsed_lease_is_taken_back_unless_another_worker_has_it(redis_client):
+    job_id = uuid.uuid4().hex
+    with Lease(redis_client, job_id, ttl_s=0.6) as lease:
+        redis_client.delete(lease_key(job_id))  # a heartbeat came too late
+        time.sleep(0.5)
+        assert redis_client.get(lease_key(job_id)) == lease.token.encode()
+        lease.check()
+        redis_client.set(lease_key(job_id), "another-worker")  # lapsed and taken over
+        time.sleep(0.5)
+        with pytest.raises(LeaseLost):
+            lease.check()
+    assert redis_client.get(lease_key(job_id)) == b"another-worker", "not released by us"
+    redis_client.delete(lease_key(job_id))
+
+
 def test_a_duplicate_delivery_does_not_run_beside_the_first(redis_client, stream):
     job_id = uuid.uuid4().hex
     with Lease(redis_client, job_id, ttl_s=5), pytest.raises(LeaseHeld):
@@ -60,3 +75,47 @@ def test_a_job_that_keeps_dying_fails_after_max_attempts(redis_client, stream):
     (finished,) = published(redis_client, stream)
     assert finished.kind == "finished" and finished.data["status"] == "failed"
     assert finished.data["error"]["code"] == "too_many_attempts"
+
+
+def test_a_delivery_of_a_finished_job_does_nothing(redis_client, stream):
+    job_id = uuid.uuid4().hex
+    assert JobRunner(job_id, {}, redis_client).run() == "failed"  # preflight: empty spec
+    assert JobRunner(job_id, {}, redis_client).run() == "failed", "the recorded status"
+    assert [e.kind for e in published(redis_client, stream)] == ["started", "finished"]
+    assert redis_client.get(attempt_key(job_id)) == b"1", "the late delivery never started"
+
+
+STAGES = ["evaluate_before", "basis", "importance", "finetune", "evaluate_after"]
+
+
+def stage_of(phase: str | None, data: dict) -> str | None:
+    """The pipeline stage an event belongs to (evaluation events say before or after)."""
+    return f"{phase}_{data['stage']}" if phase == "evaluate" and "stage" in data else phase
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_cancel_in_any_stage_ends_the_job_cancelled_and_leaves_nothing(
+    redis_client, stream, tiny_job, monkeypatch, stage
+):
+    """The cancel flag is raised the moment `stage` starts (as a user's cancel would land);
+    the job stops there, reports `cancelled`, uploads nothing and removes its scratch."""
+    monkeypatch.setattr(settings, "cancel_poll_s", 0.0)
+    job_id = uuid.uuid4().hex
+    runner = JobRunner(job_id, tiny_job, redis_client)
+    forward = runner.forward
+
+    def cancel_at_stage(event):
+        forward(event)
+        if event.kind == "phase_started" and stage_of(event.phase, event.data) == stage:
+            redis_client.set(cancel_key(job_id), 1, ex=60)
+
+    runner.forward = cancel_at_stage
+    assert runner.run() == "cancelled"
+    events = published(redis_client, stream)
+    assert events[-1].kind == "finished" and events[-1].data["status"] == "cancelled"
+    started = [stage_of(e.phase, e.data) for e in events if e.kind == "phase_started"]
+    assert started[-1] == stage, "stopped in the stage it was cancelled in"
+    finished = [stage_of(e.phase, e.data) for e in events if e.kind == "phase_finished"]
+    assert stage not in finished and "artifact" not in {e.kind for e in events}
+    assert not runner.out.exists(), "scratch space removed"
+    assert not runner.store.fs.exists(runner.store.job_path(job_id, "")), "nothing uploaded"

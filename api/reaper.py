@@ -1,0 +1,93 @@
+"""Finds running jobs whose worker is gone for good, and sends them to the queue again.
+
+A worker renews its job's lease in Redis every `lease_s / 3` seconds (worker.lease). If the
+whole worker host disappears (power loss, a node drained with `kill -9`), Celery would only
+redeliver the job's message after the broker's visibility timeout, which must exceed the
+longest job: days during which the job would sit `running`. The reaper watches instead: a job
+the database calls running or cancelling whose lease has been missing for longer than
+`lease_s`, and which has not finished, has no worker. It is sent again (the next worker
+resumes from the checkpoint if it shares the work directory), a cancelling one ends
+`cancelled`, and one that has used `max_attempts` ends `failed` with `worker_lost`.
+
+Its verdicts travel through the event stream like a worker's reports, so a job's events stay
+gap-free and one ingester applies them. With several API replicas, a marker per attempt in
+Redis lets one of them act.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from sqlalchemy import select
+
+from api.config import settings
+from api.db import session_scope
+from api.dispatch import send
+from api.models import Job
+from worker.lease import lease_key
+from worker.protocol import DONE_TTL_S, EventPublisher, attempt_key, done_key
+
+log = logging.getLogger(__name__)
+
+
+class Reaper:
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.missing_since: dict[str, float] = {}
+
+    def scan(self, now: float | None = None) -> list[str]:
+        """One look at every running job; returns the ids of those found without a worker."""
+        now = time.monotonic() if now is None else now
+        with session_scope() as session:
+            query = select(Job.id, Job.status, Job.spec).where(
+                Job.status.in_(("running", "cancelling"))
+            )
+            running = list(session.execute(query))
+        self.missing_since = {
+            job_id: since
+            for job_id, since in self.missing_since.items()
+            if job_id in {row.id for row in running}
+        }
+        lost = []
+        for job_id, status, spec in running:
+            if self.client.exists(lease_key(job_id), done_key(job_id)):
+                self.missing_since.pop(job_id, None)
+                continue
+            since = self.missing_since.setdefault(job_id, now)
+            if now - since >= settings.lease_s and self.recover(job_id, status, spec):
+                del self.missing_since[job_id]
+                lost.append(job_id)
+        return lost
+
+    def recover(self, job_id: str, status: str, spec: dict) -> bool:
+        """Requeue, cancel or fail a job without a worker; False if another replica did."""
+        attempt = int(self.client.get(attempt_key(job_id)) or 0)
+        marker = f"warp:job:{job_id}:reaped:{attempt}"
+        if not self.client.set(marker, 1, nx=True, ex=DONE_TTL_S):
+            return False
+        events = EventPublisher(self.client, settings.event_stream, job_id)
+        silence = f"no heartbeat from its worker for over {settings.lease_s:g} s"
+        if status == "cancelling":
+            self._finish(events, "cancelled")
+        elif attempt >= settings.max_attempts:
+            message = f"{silence} on attempt {attempt} of {settings.max_attempts}; giving up"
+            self._finish(events, "failed", error={"code": "worker_lost", "message": message})
+        else:
+            send(job_id, spec)
+            events.publish("requeued", reason=silence, attempt=attempt)
+        log.warning("job %s lost its worker (attempt %d, %s)", job_id, attempt, status)
+        return True
+
+    def _finish(self, events: EventPublisher, status: str, **data: object) -> None:
+        self.client.set(done_key(events.job_id), status, ex=DONE_TTL_S)
+        events.publish("finished", status=status, **data)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(settings.lease_s / 3):
+            try:
+                self.scan()
+            except Exception as exc:  # the database or Redis is down: look again later
+                log.warning("reaper: %s", exc)
