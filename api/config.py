@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         3, ge=1, description="Deliveries of one job before it fails instead of running again."
     )
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories jobs may read local models and data from (JSON list); "
+        "empty: Hub ids and uploads only. Embedded mode allows everything.",
+    )
     auth_required: bool = Field(
         True, description="Require an API key; only embedded mode turns this off."
     )

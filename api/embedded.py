@@ -40,8 +40,10 @@ class EmbeddedService:
         self._redis_server = None
 
     def environment(self) -> dict[str, str]:
-        # One user on one machine: no API keys (the only place auth is switched off for you).
-        env = {"WARP_AUTH_REQUIRED": "false", **os.environ, "WARP_HOME": str(self.home)}
+        # One user on one machine: no API keys, and jobs may read any local path (the only
+        # place these are relaxed for you).
+        relaxed = {"WARP_AUTH_REQUIRED": "false", "WARP_DATA_ROOTS": '["/"]'}
+        env = {**relaxed, **os.environ, "WARP_HOME": str(self.home)}
         if not env.get("WARP_REDIS_URL"):
             env["WARP_REDIS_URL"] = self._start_redis()
         return env

@@ -124,6 +124,7 @@ class Stack:
             **os.environ,
             "WARP_DATABASE_URL": self.database_url,
             "WARP_AUTH_REQUIRED": "false",  # the framework's cost, not key lookups
+            "WARP_DATA_ROOTS": json.dumps(["/"]),
             "WARP_REDIS_URL": REDIS_URL,
             "WARP_HOME": str(self.home),
             "HF_HUB_OFFLINE": "1",

@@ -19,6 +19,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
 from api.config import settings
+from api.sources import source_problems
 from warp_core.preflight import PreflightError, check_spec
 from warp_core.spec import DatasetRef, JobSpec, format_validation_error
 from worker.lease import Lease, LeaseLost
@@ -102,6 +103,8 @@ class JobRunner:
             spec = JobSpec.model_validate(self.raw_spec)
         except ValidationError as exc:
             raise PreflightError(format_validation_error(exc)) from exc
+        if problems := source_problems(spec, settings.data_roots):
+            raise PreflightError("; ".join(f"{p['field']}: {p['reason']}" for p in problems))
         spec = spec.model_copy(
             update={
                 "safety_data": self.localise(spec.safety_data),

@@ -12,9 +12,16 @@ from worker.celery_app import app
 
 @app.task(name="warp.run_job", bind=True, max_retries=None)
 def run_job(self: Task, job_id: str, spec: dict[str, Any]) -> str:
+    import os
+
     from worker.lease import LeaseHeld
     from worker.runner import JobRunner
 
+    # Run from an empty directory of the job's own (this child runs only this job): a
+    # Hub-id-looking source can then never resolve to a folder beside the code.
+    scratch = settings.resolved_work_dir / job_id / "cwd"
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.chdir(scratch)
     try:
         return JobRunner(job_id, spec).run()
     except LeaseHeld as exc:

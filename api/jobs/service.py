@@ -12,9 +12,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, too_many
+from api.config import settings
 from api.db import utcnow
 from api.errors import ApiError, not_found
 from api.models import ACTIVE, Artifact, Job, JobEvent, UploadedFile
+from api.sources import dataset_refs, source_problems
 from warp_core.spec import JobSpec
 from worker.protocol import UPLOAD_PREFIX, cancel_key
 
@@ -39,6 +41,7 @@ def create_job(
         idempotency_key = scoped_key(idempotency_key, caller)
         if existing := _by_key(session, idempotency_key):
             return _replayed(existing, digest), False
+    _check_sources(spec)
     _check_uploads(session, spec, caller)
     _check_active_jobs(session, caller)
     job = Job(
@@ -91,22 +94,24 @@ def _check_active_jobs(session: Session, caller: Caller) -> None:
         )
 
 
+def _invalid(fields: list[dict[str, str]]) -> ApiError:
+    first = fields[0]
+    return ApiError(422, "invalid_request", f"{first['field']}: {first['reason']}", fields=fields)
+
+
+def _check_sources(spec: JobSpec) -> None:
+    if problems := source_problems(spec, settings.data_roots):
+        raise _invalid(problems)
+
+
 def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
-    refs = {"safety_data": spec.safety_data, "utility_data": spec.utility_data}
-    refs |= {f"eval.{n}": getattr(spec.eval, n) for n in ("harmful", "benign", "utility")}
-    for where, ref in refs.items():
-        if ref is not None and ref.source.startswith(UPLOAD_PREFIX):
+    for where, ref in dataset_refs(spec):
+        if ref.source.startswith(UPLOAD_PREFIX):
             file_id = ref.source.removeprefix(UPLOAD_PREFIX)
             upload = session.get(UploadedFile, file_id)
             if upload is None or not caller.owns(upload.owner_id):
-                field = f"{where}.source"
                 reason = f"no uploaded file {file_id}"
-                raise ApiError(
-                    422,
-                    "invalid_request",
-                    f"{field}: {reason}",
-                    fields=[{"field": field, "reason": reason}],
-                )
+                raise _invalid([{"field": f"{where}.source", "reason": reason}])
 
 
 def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -> Job:

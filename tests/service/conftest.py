@@ -3,6 +3,7 @@ and a Celery worker, each a real process. Set up once per test session."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ os.environ.update(
         "WARP_HOME": str(HOME),
         "WARP_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "WARP_CANCEL_POLL_S": "0.2",
+        "WARP_DATA_ROOTS": json.dumps([tempfile.gettempdir(), str(REPO / "examples")]),
     }
 )
 
@@ -153,8 +155,6 @@ def tiny_job(tmp_path_factory) -> dict:
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    import json
-
     spec = json.loads((out / "spec.json").read_text())
     spec["safety_data"]["limit"] = 32
     spec["utility_data"]["limit"] = 64

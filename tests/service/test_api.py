@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import UPLOAD_LIMIT, wait_for
+from tests.service.conftest import HOME, UPLOAD_LIMIT, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +19,9 @@ def http(service):
 
 
 def bad_model(spec: dict, tag: str = "") -> dict:
-    """A spec that validates but fails preflight fast: its model does not exist."""
-    return {**copy.deepcopy(spec), "base_model": f"/nonexistent/model{tag}"}
+    """A spec that validates but fails preflight fast: its model does not exist (in a
+    directory jobs may read from)."""
+    return {**copy.deepcopy(spec), "base_model": f"{HOME}/nonexistent/model{tag}"}
 
 
 def test_health_readiness_metrics_and_docs(http):
@@ -299,3 +300,15 @@ def test_a_running_job_cancels_within_seconds_and_frees_the_worker(http, tiny_jo
 def test_a_finished_job_cannot_be_cancelled(http, finished_job):
     response = http.post(f"/v1/jobs/{finished_job['id']}/cancel")
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"
+
+
+def test_sources_outside_the_data_roots_are_a_422_naming_the_field(http, tiny_job):
+    for field, change, reason in (
+        ("base_model", {"base_model": "/etc"}, "outside the allowed roots"),
+        ("base_model", {"base_model": "../model"}, "neither a Hub id"),
+        ("base_model", {"base_model": "https://example.com/m"}, "URL"),
+    ):
+        response = http.post("/v1/jobs", json={**tiny_job, **change})
+        assert response.status_code == 422, response.text
+        (problem,) = response.json()["error"]["fields"]
+        assert problem["field"] == field and reason in problem["reason"]

@@ -119,3 +119,14 @@ def test_a_cancel_in_any_stage_ends_the_job_cancelled_and_leaves_nothing(
     assert stage not in finished and "artifact" not in {e.kind for e in events}
     assert not runner.out.exists(), "scratch space removed"
     assert not runner.store.fs.exists(runner.store.job_path(job_id, "")), "nothing uploaded"
+
+
+def test_a_worker_refuses_sources_outside_its_roots_even_if_sent_directly(
+    redis_client, stream, tiny_job
+):
+    """A message put on the queue by someone other than the API is checked again."""
+    spec = {**tiny_job, "base_model": "/etc"}
+    assert JobRunner(uuid.uuid4().hex, spec, redis_client).run() == "failed"
+    finished = published(redis_client, stream)[-1]
+    assert finished.data["error"]["code"] == "invalid_job"
+    assert "base_model: /etc is outside the allowed roots" in finished.data["error"]["message"]

@@ -1,0 +1,60 @@
+"""Where a job may read its model and data from, on a server that runs other people's jobs.
+
+A source is an upload (`file:<id>`, datasets only), a Hub id (`name` or `owner/name`), or
+an absolute path whose real location (symlinks resolved) lies under one of
+`WARP_DATA_ROOTS`. Anything else is refused: URLs of any scheme, `~`, relative paths and
+`..` tricks. The API checks this at submission (422 naming the field) and the worker again
+before it loads anything, and the worker runs each job from its own empty work directory,
+so a Hub-id-looking name cannot resolve to a local folder by accident.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from warp_core.spec import DatasetRef, JobSpec
+from worker.protocol import UPLOAD_PREFIX
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def problem(source: str, roots: Sequence[Path], local_file: bool = False) -> str | None:
+    """Why `source` may not be read here, or None if it may."""
+    if "://" in source:
+        return "URLs are not accepted: use a Hub id, an upload (file:<id>) or a server path"
+    if os.path.isabs(source):
+        if not roots:
+            return "this server accepts no local paths (WARP_DATA_ROOTS is empty)"
+        real = Path(os.path.realpath(source))
+        if any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+            return None
+        allowed = ", ".join(str(root) for root in roots)
+        return f"{source} is outside the allowed roots ({allowed})"
+    if local_file or not HUB_ID.fullmatch(source) or ".." in source:
+        return "neither a Hub id (owner/name) nor an absolute path under the allowed roots"
+    return None
+
+
+def dataset_refs(spec: JobSpec) -> Iterator[tuple[str, DatasetRef]]:
+    """Every dataset reference of the spec, with its field path."""
+    yield "safety_data", spec.safety_data
+    yield "utility_data", spec.utility_data
+    for name in ("harmful", "benign", "utility"):
+        if (ref := getattr(spec.eval, name)) is not None:
+            yield f"eval.{name}", ref
+
+
+def source_problems(spec: JobSpec, roots: Sequence[Path]) -> list[dict[str, str]]:
+    """`{"field", "reason"}` for every source of the spec this server may not read."""
+    found = []
+    if reason := problem(spec.base_model, roots):
+        found.append({"field": "base_model", "reason": reason})
+    for where, ref in dataset_refs(spec):
+        if ref.source.startswith(UPLOAD_PREFIX):
+            continue
+        if reason := problem(ref.source, roots, local_file=ref.is_local):
+            found.append({"field": f"{where}.source", "reason": reason})
+    return found
