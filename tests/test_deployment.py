@@ -103,13 +103,22 @@ def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def volume_mounts(service: dict[str, Any]) -> dict[str, str]:
-    """Container path -> named volume (short syntax `name:/path[:mode]`)."""
+def volume_mounts(service: dict[str, Any], read_only: bool = False) -> dict[str, str]:
+    """Container path -> volume name or host path (short syntax `source:/path[:mode]`; the
+    source may be `${VAR:-default}`)."""
     mounts = {}
     for volume in service.get("volumes") or []:
-        source, target = str(volume).split(":")[:2]
-        mounts[target] = source
+        spec, mode = str(volume), "rw"
+        if spec.endswith((":ro", ":rw")):
+            spec, mode = spec[:-3], spec[-2:]
+        source, target = spec.rsplit(":", 1)
+        if mode == "ro" or not read_only:
+            mounts[target] = source
     return mounts
+
+
+def is_bind_mount(source: str) -> bool:
+    return source.startswith(("${", ".", "/"))
 
 
 def uvicorn_target(cmd: list[str]) -> str:
@@ -190,13 +199,22 @@ def test_file_urls_and_work_dir_are_on_volumes(compose, services):
     for name in ("api", *WORKERS):
         service = services[name]
         mounts = volume_mounts(service)
-        assert set(mounts.values()) <= declared
+        assert {s for s in mounts.values() if not is_bind_mount(s)} <= declared
         env = environment(service)
         artifact_url = env["WARP_ARTIFACT_URL"]
         assert artifact_url.startswith("file://")
         assert mounts.get(artifact_url.removeprefix("file://")) == "artifacts", name
         if "WARP_WORK_DIR" in env:
             assert mounts.get(env["WARP_WORK_DIR"]) == "work", name
+
+
+def test_jobs_read_local_files_only_from_a_read_only_mount(services):
+    for name in ("api", *WORKERS):
+        service = services[name]
+        roots = json.loads(environment(service)["WARP_DATA_ROOTS"])
+        assert roots, f"{name}: jobs may read any path"
+        read_only = volume_mounts(service, read_only=True)
+        assert all(root in read_only for root in roots), name
 
 
 # ------------------------------------------------------------------------ entry points
