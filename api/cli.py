@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,12 +37,18 @@ console = Console(stderr=True)
 HomeOption = Annotated[Path, typer.Option(help="Embedded state: database, artifacts, logs.")]
 
 
+def exit_on_sigterm() -> None:
+    """`kill` (SIGTERM) exits through the `with` blocks, so the service's processes stop too."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @app.command()
 def serve(
     home: HomeOption = Path(".warp"),
     port: Annotated[int, typer.Option(help="API port.")] = 8000,
 ) -> None:
     """Start the API and one worker; embedded defaults where no server is configured."""
+    exit_on_sigterm()
     with EmbeddedService(home, port) as service:
         console.print(f"API on {service.url} (docs: {service.url}/docs); logs in {service.log_dir}")
         console.print("Ctrl-C stops it.")
@@ -63,6 +70,7 @@ def demo(
 ) -> None:
     """Build a tiny safety-aligned model, fine-tune it with WaRP and plainly through the
     embedded service, and show what each kept of its refusals and gained in utility."""
+    exit_on_sigterm()
     home = home.resolve()
     toy_dir = home / "demo" / "toy"
     command = [sys.executable, "-m", "warp_core", "make-toy-model", "--out", str(toy_dir)]

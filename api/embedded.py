@@ -9,7 +9,9 @@ path is the production one.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -75,17 +77,27 @@ class EmbeddedService:
     def _spawn(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = (self.log_dir / f"{name}.log").open("ab")
         self.processes.append(
-            subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, stopped as one
+            )
         )
 
     def stop(self) -> None:
+        """SIGTERM each child's process group (a worker's pool children with it), SIGKILL
+        what is left after 20 s: nothing outlives the service."""
         for process in self.processes:
-            process.terminate()
+            _signal_group(process, signal.SIGTERM)
         for process in self.processes:
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
         if self._redis_server is not None:
             self._redis_server.shutdown()
             self._redis_server.server_close()
@@ -95,6 +107,11 @@ class EmbeddedService:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
 
 
 def api_command(port: int) -> list[str]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from api.embedded import REPO
+from api.embedded import REPO, free_port, wait_ready
 
 
 def test_warp_demo_compares_warp_and_plain_fine_tuning_through_the_service(tmp_path, toy_cache):
@@ -36,3 +39,39 @@ def test_warp_demo_compares_warp_and_plain_fine_tuning_through_the_service(tmp_p
     assert runs["full"]["after"]["refusal_rate"] <= 0.3
     assert runs["warp"]["after"]["refusal_rate"] >= 0.8
     assert (tmp_path / "warp.db").exists()
+
+
+def descendants(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [d for child in map(int, children) for d in (child, *descendants(child))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_warp_serve_stops_every_process_it_started_on_sigterm(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARP_")}
+    port = free_port()
+    command = [sys.executable, "-m", "api.cli", "serve", "--home", str(tmp_path)]
+    serve = subprocess.Popen(
+        [*command, "--port", str(port)], cwd=REPO, env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", [serve], tmp_path / "logs", timeout_s=120)
+        deadline = time.monotonic() + 120
+        while len(started := descendants(serve.pid)) < 3:  # the API, the worker, its child
+            assert time.monotonic() < deadline, started
+            time.sleep(0.5)
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 143
+    finally:
+        serve.kill()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in started if alive(pid)]
