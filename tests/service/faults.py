@@ -1,0 +1,177 @@
+"""A service stack of its own for fault injection: a private Redis server and a TCP proxy in
+front of PostgreSQL (both can be taken down and brought back), an API and workers that the
+tests kill with SIGKILL, and a short lease so lost workers are noticed in seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import redis
+
+from api.embedded import api_command, free_port, wait_ready, worker_command
+from tests.service.conftest import PG_SERVER, spawn
+
+QUEUE = "faults"
+LEASE_S = 2
+MAX_ATTEMPTS = 3
+
+
+class TcpProxy:
+    """Forwards a local port to a server; `down()` cuts every connection and refuses new
+    ones (as a crashed or unreachable server would), `up()` forwards again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.alive = True
+        self.open: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            if not self.alive:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
+
+    def down(self) -> None:
+        self.alive = False
+        with self.lock:
+            for end in self.open:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+                end.close()
+            self.open.clear()
+
+    def up(self) -> None:
+        self.alive = True
+
+
+class FaultStack:
+    def __init__(self, home: Path, database: str) -> None:
+        self.home = home
+        self.logs = home / "logs"
+        self.redis_port = free_port()
+        self.api_port = free_port()
+        self.url = f"http://127.0.0.1:{self.api_port}"
+        host, port = PG_SERVER.rsplit("@", 1)[1].split(":")
+        self.pg_proxy = TcpProxy((host, int(port)))
+        pg = PG_SERVER.rsplit(":", 1)[0]
+        self.env = {
+            **os.environ,
+            "WARP_DATABASE_URL": f"{pg}:{self.pg_proxy.port}/{database}",
+            "WARP_REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
+            "WARP_HOME": str(home),
+            "WARP_QUEUE": QUEUE,
+            "WARP_LEASE_S": str(LEASE_S),
+            "WARP_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+            "WARP_CANCEL_POLL_S": "0.2",
+            "WARP_AUTH_REQUIRED": "false",  # keys are tested elsewhere; faults here
+        }
+        self.redis: subprocess.Popen | None = None
+        self.api: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+        self.client = redis.Redis(port=self.redis_port)
+
+    # -- Redis -----------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        """redis-server with an append-only file, as docker-compose runs it."""
+        data = self.home / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        command = ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "yes", "--dir", str(data)]
+        self.redis = spawn("redis", command, self.env, self.logs)
+        wait(lambda: self.client.ping(), "redis-server to answer")
+
+    def stop_redis(self) -> None:
+        self.redis.terminate()
+        self.redis.wait(timeout=20)
+
+    # -- API and workers -------------------------------------------------------------------
+
+    def start_api(self) -> None:
+        self.api = spawn("api", api_command(self.api_port), self.env, self.logs)
+        wait_ready(self.url, [self.api], self.logs, timeout_s=60)
+
+    def kill_api(self) -> None:
+        os.killpg(self.api.pid, signal.SIGKILL)
+        self.api.wait()
+
+    def start_worker(self) -> subprocess.Popen:
+        worker = spawn("worker", worker_command(QUEUE), self.env, self.logs)
+        self.workers.append(worker)
+        return worker
+
+    def kill_job_process(self, worker: subprocess.Popen) -> None:
+        """SIGKILL the pool child running the job (an OOM kill); the worker lives on."""
+        (child,) = children(worker.pid)
+        os.kill(child, signal.SIGKILL)
+
+    def kill_worker_host(self, worker: subprocess.Popen) -> None:
+        """SIGKILL the worker and its child at once: the host is gone."""
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        self.workers.remove(worker)
+
+    def close(self) -> None:
+        self.http.close()
+        for process in [*self.workers, self.api, self.redis]:
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+    # -- observations ----------------------------------------------------------------------
+
+    def checkpoint(self, job_id: str) -> Path:
+        return self.home / "work" / job_id / "output" / "checkpoints" / "finetune.pt"
+
+    def events(self, job_id: str) -> list[dict]:
+        return self.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wait(condition, what: str, timeout_s: float = 120, interval_s: float = 0.05):
+    """Poll `condition` until it returns something true (exceptions count as false)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if result := condition():
+                return result
+        except Exception:
+            pass
+        time.sleep(interval_s)
+    raise TimeoutError(f"waited {timeout_s} s for {what}")

@@ -1,0 +1,183 @@
+"""Faults injected into a running service (issue 5): killed workers, a lost worker host, an
+API restart, Redis and PostgreSQL outages. No job may be lost, run twice at once, or left
+`running` forever, and no event may be lost or duplicated."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+
+import pytest
+
+from tests.service.conftest import DATABASE, create_database, drop_database
+from tests.service.faults import LEASE_S, MAX_ATTEMPTS, FaultStack, wait
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("faults")
+    name = f"{DATABASE}_faults"
+    stack = FaultStack(home, name)
+    stack.start_redis()
+    create_database(name, stack.env)
+    try:
+        stack.start_api()
+        yield stack
+    finally:
+        stack.close()
+        drop_database(name)
+
+
+@pytest.fixture(scope="module")
+def long_job(tiny_job) -> dict:
+    """32 optimizer steps with a checkpoint every 2: long enough to be killed mid-training."""
+    spec = copy.deepcopy(tiny_job)
+    spec["utility_data"]["limit"] = 256
+    spec["hyperparameters"]["epochs"] = 2
+    return spec
+
+
+def submit(stack: FaultStack, spec: dict) -> str:
+    response = stack.http.post("/v1/jobs", json=spec)
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def finished(stack: FaultStack, job_id: str, timeout_s: float = 300) -> dict:
+    def done():
+        job = stack.http.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in TERMINAL else None
+
+    return wait(done, f"job {job_id} to finish", timeout_s, interval_s=0.3)
+
+
+def model_sha256(stack: FaultStack, job_id: str) -> str:
+    artifacts = stack.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    return next(a["sha256"] for a in artifacts if a["name"] == "model/model.safetensors")
+
+
+def assert_gap_free(stack: FaultStack, job_id: str) -> list[dict]:
+    events = stack.events(job_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert int(stack.client.get(f"warp:job:{job_id}:seq")) == len(events)
+    return events
+
+
+@pytest.fixture(scope="module")
+def reference(stack, long_job) -> str:
+    """The same job run without faults: the weights every recovered run must reach."""
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    assert finished(stack, job_id)["status"] == "succeeded"
+    stack.kill_worker_host(worker)
+    return model_sha256(stack, job_id)
+
+
+def test_a_job_whose_process_is_killed_mid_training_resumes_to_the_same_weights(
+    stack, long_job, reference
+):
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    wait(lambda: stack.checkpoint(job_id).exists(), "the first training checkpoint")
+    stack.kill_job_process(worker)
+    job = finished(stack, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    events = assert_gap_free(stack, job_id)
+    starts = [i for i, e in enumerate(events) if e["kind"] == "started"]
+    assert [events[i]["data"]["attempt"] for i in starts] == [1, 2]
+    resumed = events[starts[1] :]
+    assert any("resumes from its last checkpoint" in str(e["data"]) for e in resumed)
+    first_step = next(e for e in resumed if e["kind"] == "progress")["data"]
+    assert first_step["step"] > 2, "training went on from the checkpoint, not from step 1"
+    assert model_sha256(stack, job_id) == reference
+    stack.kill_worker_host(worker)
+
+
+def test_a_lost_worker_host_is_noticed_and_its_job_runs_elsewhere(stack, long_job, reference):
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    wait(lambda: stack.checkpoint(job_id).exists(), "the first training checkpoint")
+    stack.kill_worker_host(worker)
+    requeued = wait(
+        lambda: [e for e in stack.events(job_id) if e["kind"] == "requeued"],
+        "the reaper to send the job again",
+        timeout_s=10 * LEASE_S,
+    )
+    assert "no heartbeat" in requeued[0]["data"]["reason"]
+    assert stack.http.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    replacement = stack.start_worker()
+    job = finished(stack, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 2, job
+    assert_gap_free(stack, job_id)
+    assert model_sha256(stack, job_id) == reference
+    stack.kill_worker_host(replacement)
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(stack, long_job):
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        wait(
+            lambda a=attempt: int(stack.client.get(f"warp:job:{job_id}:attempt") or 0) == a,
+            f"attempt {attempt} to start",
+        )
+        wait(lambda: stack.checkpoint(job_id).exists(), "a training checkpoint")
+        stack.kill_job_process(worker)
+    job = finished(stack, job_id)
+    assert job["status"] == "failed", job
+    assert job["error"]["code"] in {"too_many_attempts", "worker_lost"}, job["error"]
+    assert job["attempt"] == MAX_ATTEMPTS
+    assert_gap_free(stack, job_id)
+    stack.kill_worker_host(worker)
+
+
+def test_an_api_restart_mid_job_loses_and_duplicates_no_event(stack, long_job):
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    wait(lambda: stack.checkpoint(job_id).exists(), "training to start")
+    stack.kill_api()
+    stack.start_api()
+    job = finished(stack, job_id)
+    assert job["status"] == "succeeded" and job["attempt"] == 1
+    events = assert_gap_free(stack, job_id)
+    assert events[-1]["kind"] == "finished"
+    stack.kill_worker_host(worker)
+
+
+def test_a_job_submitted_while_redis_is_down_is_kept_and_sent_when_it_is_back(stack, tiny_job):
+    worker = stack.start_worker()
+    stack.stop_redis()
+    spec = {**tiny_job, "hyperparameters": {**tiny_job["hyperparameters"], "max_steps": 2}}
+    job_id = submit(stack, spec)
+    job = stack.http.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "queued", "status reads keep working from PostgreSQL"
+    ready = stack.http.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["redis"] != "ok"
+    assert ready.json()["database"] == "ok"
+    stack.start_redis()
+    assert finished(stack, job_id)["status"] == "succeeded"
+    assert_gap_free(stack, job_id)
+    stack.kill_worker_host(worker)
+
+
+def test_postgres_down_answers_503_and_recovers_without_a_restart(stack, tiny_job):
+    stack.pg_proxy.down()
+    try:
+        ready = stack.http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["database"] != "ok"
+        assert ready.json()["redis"] == "ok"
+        for response in (
+            stack.http.get(f"/v1/jobs/{uuid.uuid4().hex}"),
+            stack.http.post("/v1/jobs", json=tiny_job),
+            stack.http.get("/v1/jobs"),
+        ):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "database_unavailable"
+    finally:
+        stack.pg_proxy.up()
+    wait(lambda: stack.http.get("/readyz").status_code == 200, "readiness", timeout_s=30)
+    assert stack.http.get("/v1/jobs").status_code == 200
+    job_id = submit(stack, tiny_job)
+    assert stack.http.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
