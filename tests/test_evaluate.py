@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 import time
 import warnings
 from pathlib import Path
@@ -208,6 +209,15 @@ def test_mbpp_runs_in_a_throwaway_directory() -> None:
     code = "import os\nopen('left_behind.txt', 'w').write('x')\nCWD = os.getcwd()"
     assert run_mbpp_tests(code, "", [f"assert CWD != {str(Path.cwd())!r}"])
     assert not (Path.cwd() / "left_behind.txt").exists()
+
+
+def test_generated_code_has_no_network():
+    """A server listening on this machine is out of reach from inside the sandbox."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        reach = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        assert not run_mbpp_tests(reach, "", ["assert True"])
+        assert run_mbpp_tests("import socket", "", ["assert socket.gethostname()"])
 
 
 # Generation and losses on a tiny Llama
