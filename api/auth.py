@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Header
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -85,18 +86,25 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
+BEARER = HTTPBearer(
+    scheme_name="ApiKey",
+    description="`Authorization: Bearer <key>`, a key made by `warp admin create-key`",
+    auto_error=False,
+)
+"""Declared as a security scheme, not a header parameter: OpenAPI ignores parameters named
+Authorization, and a scheme is what Swagger UI and other clients know to send a key for."""
+
+
 def authenticate(
-    authorization: Annotated[
-        str | None, Header(description="`Bearer <key>`; see `warp admin create-key`")
-    ] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Caller:
     if not settings.auth_required:
         return ANONYMOUS_ADMIN
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = credentials.credentials.strip() if credentials else ""
+    if not key:
         raise _unauthorized("send an API key: `Authorization: Bearer <key>`")
     with session_scope() as session:
-        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key.strip())))
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
         if row is None or row.revoked_at is not None:
             raise _unauthorized("unknown or revoked API key")
         return Caller(

@@ -6,14 +6,18 @@ sends produces a 500.
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 
 class ApiError(Exception):
@@ -32,12 +36,36 @@ def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
+class FieldError(BaseModel):
+    field: str = Field(description="Dotted path of the field, `body` for the body as a whole")
+    reason: str
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="Stable, machine-readable, e.g. `not_found`")
+    message: str
+    fields: list[FieldError] | None = Field(None, description="On a 422: what is wrong where")
+
+
+class ErrorOut(BaseModel):
+    """The body of every error, so that clients (and the schema) have one shape to read."""
+
+    error: ErrorDetail
+
+
+def error_response(description: str) -> dict[str, Any]:
+    """An entry of a route's `responses`: the description and the error body's schema."""
+    return {"description": description, "model": ErrorOut}
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"description": "No API key, or an unknown or revoked one"},
-    404: {"description": "Unknown id, or one that belongs to another API key"},
-    422: {"description": "Invalid request; `error.fields` names each field and the reason"},
-    429: {"description": "Past the key's request rate or active-job limit; see Retry-After"},
-    503: {"description": "A dependency (database, Redis) is unavailable"},
+    401: error_response("No API key, or an unknown or revoked one"),
+    404: error_response("Unknown id, or one that belongs to another API key"),
+    422: error_response("Invalid request; `error.fields` names each field and the reason"),
+    429: error_response("Past the key's request rate or active-job limit; see Retry-After"),
+    503: error_response("A dependency (database, Redis) is unavailable"),
 }
 
 
@@ -53,6 +81,52 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return fields
 
 
+def invalid_request(fields: list[dict[str, str]]) -> JSONResponse:
+    message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
+    return JSONResponse(error_body("invalid_request", message, fields=fields), 422)
+
+
+def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """An error raised by FastAPI or Starlette themselves, in the same envelope.
+
+    Their 400 always means a body that does not parse (not UTF-8, broken multipart): it is
+    a 422 naming the body, as a body that is not JSON already is, so bad input has one
+    status. Others (an unknown path, a wrong method) keep their status and headers.
+    """
+    if exc.status_code == 400:
+        return invalid_request([{"field": "body", "reason": str(exc.detail)}])
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    body = error_body(status_code_name(exc.status_code), str(exc.detail))
+    return JSONResponse(body, exc.status_code, headers=headers)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first
+    route's (`POST` for /v1/jobs, where GET is served too)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+
+
+def status_code_name(status: int) -> str:
+    """`method_not_allowed` for 405: the standard phrase as an error code."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        return "http_error"
+    return phrase.lower().replace(" ", "_").replace("-", "_")
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -62,9 +136,18 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        fields = field_errors(list(exc.errors()))
-        message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
-        return JSONResponse(error_body("invalid_request", message, fields=fields), 422)
+        return invalid_request(field_errors(list(exc.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return framework_error(request, exc)
+
+    @app.exception_handler(DataError)
+    async def unstorable(_request: Request, exc: DataError) -> JSONResponse:
+        """A value PostgreSQL refuses to store or compare (a NUL character, a number out of
+        range): the client's input, not an outage, so a 422 rather than the 503 below."""
+        reason = str(exc.orig).splitlines()[0] if exc.orig else "a value the database refuses"
+        return invalid_request([{"field": "request", "reason": reason}])
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

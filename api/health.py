@@ -58,7 +58,11 @@ def _check(probe) -> str:
     return "ok"
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
 def metrics() -> Response:
     """Prometheus: jobs by status, queue depth, request latency, event ingestion lag."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

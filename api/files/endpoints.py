@@ -6,21 +6,21 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated
 
 import pandas as pd
 import pyarrow.parquet as pq
-from fastapi import APIRouter, Header, UploadFile
+from fastapi import APIRouter, Request, UploadFile
 from pydantic import BaseModel
 
 from api.auth import CallerDep
 from api.config import settings
 from api.db import session_scope, utcnow
 from api.deps import StoreDep
-from api.errors import ERROR_RESPONSES, ApiError, not_found
+from api.errors import ERROR_RESPONSES, ApiError, error_response, not_found
 from api.models import UploadedFile
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
+MAX_FILENAME = 255
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
@@ -54,6 +54,29 @@ def _too_large() -> ApiError:
     )
 
 
+def _filename(file: UploadFile) -> str:
+    """The upload's base name, kept as given for the record; a 422 if it cannot be stored
+    (longer than its column, or with control characters). It never names a local file."""
+    filename = Path(file.filename or "upload").name or "upload"
+    if len(filename) > MAX_FILENAME or not filename.isprintable():
+        raise ApiError(
+            422,
+            "invalid_file",
+            f"the file name must be printable and at most {MAX_FILENAME} characters",
+        )
+    return filename
+
+
+def _declared_size(request: Request) -> int:
+    """The request's Content-Length (0 if absent), to refuse a large upload before copying it.
+
+    Read from the request, not declared as a parameter: it describes the body, a client
+    does not choose it.
+    """
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isdigit() else 0
+
+
 def _read_table(path: Path, fmt: str) -> pd.DataFrame:
     if fmt == "csv":
         return pd.read_csv(path)
@@ -77,23 +100,18 @@ def _parse(path: Path, fmt: str) -> tuple[int, list[str]]:
     "",
     status_code=201,
     response_model=FileOut,
-    responses={413: {"description": "Larger than the upload limit"}},
+    responses={413: error_response("Larger than the upload limit")},
 )
-def upload_file(
-    file: UploadFile,
-    store: StoreDep,
-    caller: CallerDep,
-    content_length: Annotated[int | None, Header()] = None,
-) -> FileOut:
+def upload_file(file: UploadFile, store: StoreDep, caller: CallerDep, request: Request) -> FileOut:
     """A CSV, JSON, JSONL or Parquet dataset; checked by parsing it before it is accepted."""
-    if content_length is not None and content_length > settings.max_upload_bytes + 64 * 1024:
+    if _declared_size(request) > settings.max_upload_bytes + 64 * 1024:
         raise _too_large()
-    filename = Path(file.filename or "upload").name
+    filename = _filename(file)
     fmt = FORMATS.get(Path(filename).suffix.lower())
     if fmt is None:
         raise ApiError(422, "invalid_file", f"{filename}: expected one of {sorted(FORMATS)}")
     with tempfile.TemporaryDirectory() as scratch:
-        local = Path(scratch) / filename
+        local = Path(scratch) / f"upload{Path(filename).suffix.lower()}"
         with local.open("wb") as target:
             shutil.copyfileobj(file.file, target, 1 << 20)
         if local.stat().st_size > settings.max_upload_bytes:

@@ -10,18 +10,24 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from pydantic import Field
+from pydantic.json_schema import SkipJsonSchema
 from sse_starlette.sse import EventSourceResponse
 
 from api.auth import Caller, CallerDep
 from api.db import session_scope
 from api.deps import RedisDep, StoreDep
 from api.dispatch import dispatch_job, revoke
-from api.errors import ERROR_RESPONSES, ApiError
+from api.errors import ERROR_RESPONSES, ApiError, error_response
 from api.jobs import service
 from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut, JobStatus, Page
 from warp_core.comparison import comparison_markdown, labels
 from warp_core.spec import JobSpec
 from worker.storage import CHUNK
+
+MAX_SEQ = 2**31 - 1
+"""Event sequence numbers are a 32-bit column: a larger `after` is refused up front."""
+Seq = Annotated[int, Field(ge=0, le=MAX_SEQ)]
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 compare_router = APIRouter(tags=["jobs"], responses=ERROR_RESPONSES)
@@ -84,7 +90,11 @@ def get_job(job_id: str, caller: CallerDep) -> JobOut:
         return JobOut.of(service.get_job(session, job_id, caller))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut, responses={409: {"description": "Done"}})
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={409: error_response("The job already succeeded or failed")},
+)
 def cancel_job(job_id: str, client: RedisDep, caller: CallerDep) -> JobOut:
     """Cancel: immediate for a queued job, cooperative (next step) for a running one."""
     with session_scope() as session:
@@ -95,7 +105,7 @@ def cancel_job(job_id: str, client: RedisDep, caller: CallerDep) -> JobOut:
 def list_events(
     job_id: str,
     caller: CallerDep,
-    after: Annotated[int, Query(ge=0, description="Last seq already seen")] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ, description="Last seq already seen")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> Page[EventOut]:
     """A job's events in `seq` order (1, 2, 3, ... without gaps)."""
@@ -104,13 +114,18 @@ def list_events(
         return Page[EventOut](data=[EventOut.of(e) for e in events], has_more=has_more)
 
 
-@router.get("/{job_id}/events/stream", response_class=EventSourceResponse)
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=EventSourceResponse,
+    responses={200: {"description": "Server-Sent Events", "content": {"text/event-stream": {}}}},
+)
 async def stream_events(
     job_id: str,
     request: Request,
     caller: CallerDep,
-    after: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[int | None, Header()] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_SEQ)] = 0,
+    # SkipJsonSchema: optional, but a header cannot be `null` as `int | None` would declare.
+    last_event_id: Annotated[Seq | SkipJsonSchema[None], Header()] = None,
 ) -> EventSourceResponse:
     """The events as Server-Sent Events (`id` = seq), live until the job ends."""
     await run_in_threadpool(_events_page, job_id, 0, caller)  # 404 before the stream starts
@@ -175,7 +190,11 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 @router.get(
     "/{job_id}/artifacts/{name:path}",
     response_class=StreamingResponse,
-    responses={206: {"description": "Partial content"}, 416: {"description": "Bad range"}},
+    responses={
+        200: {"description": "The whole file", "content": {"application/octet-stream": {}}},
+        206: {"description": "Partial content", "content": {"application/octet-stream": {}}},
+        416: error_response("The range lies outside the file"),
+    },
 )
 def download_artifact(
     job_id: str, name: str, store: StoreDep, request: Request, caller: CallerDep

@@ -312,3 +312,91 @@ def test_sources_outside_the_data_roots_are_a_422_naming_the_field(http, tiny_jo
         assert response.status_code == 422, response.text
         (problem,) = response.json()["error"]["fields"]
         assert problem["field"] == field and reason in problem["reason"]
+
+
+def test_a_body_that_does_not_parse_is_a_422_naming_the_body(http):
+    """Found by the schema fuzz: FastAPI and Starlette answered these with an undeclared 400
+    and a `{"detail": ...}` body."""
+    not_utf8 = http.post(
+        "/v1/jobs", content=b'{"base_model": "\xff"}', headers={"content-type": "application/json"}
+    )
+    broken = http.post(
+        "/v1/files",
+        content=b"--x\r\nNone--x--\r\n",
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
+    for response in (not_utf8, broken):
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_request" and error["fields"][0]["field"] == "body"
+
+
+def test_unknown_paths_and_methods_answer_in_the_error_envelope(http):
+    missing = http.get("/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    for method in ("DELETE", "OPTIONS"):
+        wrong = http.request(method, "/v1/jobs")
+        assert wrong.status_code == 405
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert wrong.headers["Allow"] == "GET, POST", "both routes of /v1/jobs"
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "headers"),
+    [
+        ("/v1/jobs/a%00b", {}, {}),
+        ("/v1/files/a%00b", {}, {}),
+        ("/v1/jobs", {"after": "a\x00b"}, {}),
+        ("/v1/compare", {"ids": ["a\x00b"]}, {}),
+        ("/v1/jobs/nope/events", {"after": 2**31}, {}),
+        ("/v1/jobs/nope/events/stream", {}, {"Last-Event-ID": str(2**40)}),
+    ],
+)
+def test_values_postgresql_cannot_hold_are_a_422_not_a_503(http, path, params, headers):
+    """Found by the schema fuzz: a NUL character or a sequence number past 32 bits made
+    PostgreSQL refuse the query, which was reported as `database_unavailable`."""
+    response = http.get(path, params=params, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+
+
+def multipart(filename: str, content: bytes) -> tuple[bytes, dict[str, str]]:
+    """A one-file form body written by hand: clients escape odd file names themselves."""
+    body = (
+        b'--x\r\nContent-Disposition: form-data; name="file"; filename="'
+        + filename.encode()
+        + b'"\r\nContent-Type: text/csv\r\n\r\n'
+        + content
+        + b"\r\n--x--\r\n"
+    )
+    return body, {"content-type": "multipart/form-data; boundary=x"}
+
+
+@pytest.mark.parametrize("filename", ["a" * 300 + ".csv", "a\tb.csv"])
+def test_an_upload_name_that_cannot_be_stored_is_a_422(http, filename):
+    """A 300-character name was a 500 (it named the scratch file, too long for the file
+    system) and would not have fit its column; control characters are refused too."""
+    body, headers = multipart(filename, b"q,a\nhi,hello\n")
+    response = http.post("/v1/files", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_file"
+
+
+def test_the_schema_declares_errors_the_bearer_scheme_and_no_transport_headers(http):
+    schema = http.get("/openapi.json").json()
+    scheme = schema["components"]["securitySchemes"]["ApiKey"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    error = {"$ref": "#/components/schemas/ErrorOut"}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            names = {p["name"].lower() for p in operation.get("parameters", [])}
+            assert not names & {"authorization", "content-length"}, (method, path)
+            if not path.startswith("/v1/"):
+                continue
+            assert operation["security"] == [{"ApiKey": []}]
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    assert response["content"]["application/json"]["schema"] == error
+    stream = schema["paths"]["/v1/jobs/{job_id}/events/stream"]["get"]
+    (last_event_id,) = [p for p in stream["parameters"] if p["name"] == "last-event-id"]
+    assert last_event_id["schema"]["type"] == "integer", "a header is never null"
