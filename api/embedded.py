@@ -92,9 +92,10 @@ class EmbeddedService:
         what is left after 20 s: nothing outlives the service."""
         for process in self.processes:
             _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + 20
         for process in self.processes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(process, signal.SIGKILL)
                 process.wait()
