@@ -70,7 +70,8 @@ def test_warp_serve_stops_every_process_it_started_on_sigterm(tmp_path):
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=120) == 143  # 20 s grace, then SIGKILL; slow when busy
     finally:
-        serve.kill()
+        for pid in [serve.pid, *descendants(serve.pid)] if serve.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)  # a failed run leaves nothing behind either
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in started) and time.monotonic() < deadline:
         time.sleep(0.2)
