@@ -55,10 +55,22 @@ class EmbeddedService:
 
         port = free_port()
         self._redis_server = TcpFakeServer(("127.0.0.1", port), server_type="redis")
+        # Connection threads must not keep this process alive once the service is stopped.
+        self._redis_server.daemon_threads = True
+        self._redis_server.block_on_close = False
         threading.Thread(target=self._redis_server.serve_forever, daemon=True).start()
         return f"redis://127.0.0.1:{port}/0"
 
     def start(self, timeout_s: float = 90.0) -> EmbeddedService:
+        """Start everything; if anything fails or is interrupted (Ctrl-C, SIGTERM) on the way,
+        stop what was started: `with` runs no `__exit__` when `__enter__` raises."""
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> EmbeddedService:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self.environment()
