@@ -13,6 +13,11 @@ from tests.service.conftest import DATABASE, create_database, drop_database
 from tests.service.faults import LEASE_S, MAX_ATTEMPTS, FaultStack, wait
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
+FLAKY_AFTER_HOST_KILL = pytest.mark.xfail(
+    reason="open (issue 5): on an idle machine the replacement worker sometimes never receives "
+    "the next job after a worker host was SIGKILLed; passed under load, failed twice idle",
+    strict=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +100,7 @@ def test_a_job_whose_process_is_killed_mid_training_resumes_to_the_same_weights(
     stack.kill_worker_host(worker)
 
 
-@pytest.mark.xfail(
-    reason="open (issue 5): on an idle machine the replacement worker sometimes never receives "
-    "the next job after a worker host was SIGKILLed; passed under load, failed twice idle",
-    strict=False,
-)
+@FLAKY_AFTER_HOST_KILL
 def test_a_lost_worker_host_is_noticed_and_its_job_runs_elsewhere(stack, long_job, reference):
     worker = stack.start_worker()
     job_id = submit(stack, long_job)
@@ -120,11 +121,7 @@ def test_a_lost_worker_host_is_noticed_and_its_job_runs_elsewhere(stack, long_jo
     stack.kill_worker_host(replacement)
 
 
-@pytest.mark.xfail(
-    reason="open (issue 5): on an idle machine the replacement worker sometimes never receives "
-    "the next job after a worker host was SIGKILLed; passed under load, failed twice idle",
-    strict=False,
-)
+@FLAKY_AFTER_HOST_KILL
 def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(stack, long_job):
     worker = stack.start_worker()
     job_id = submit(stack, long_job)
