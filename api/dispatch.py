@@ -3,9 +3,12 @@ after, so a submission survives a Redis outage and goes out when Redis is back."
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from functools import cache
 
+import redis
 from sqlalchemy import select
 
 from api.config import settings
@@ -23,6 +26,30 @@ def send(job_id: str, spec: dict) -> None:
     celery_app.send_task(
         TASK, args=[job_id, spec], task_id=job_id, queue=settings.queue, retry=False
     )
+
+
+@cache
+def _queue_keys(queue: str) -> tuple[str, ...]:
+    """The Redis lists holding the workers' queue, one per priority step (kombu's layout,
+    asked of kombu itself so an upgrade that changes it is followed)."""
+    with celery_app.pool.acquire(block=True) as connection:
+        channel = connection.default_channel
+        return tuple(channel._q_for_pri(queue, p) for p in channel.priority_steps)
+
+
+def waiting_job_ids(client: redis.Redis) -> set[str]:
+    """Ids of the jobs whose message waits in the queue, not yet taken by any worker.
+
+    A message a worker has taken is gone from these lists (kombu's Redis transport pops it
+    and records it as unacknowledged on the worker's side), so a job neither waiting here
+    nor leased by a worker has no live delivery: its worker died, or the message was lost
+    on the way to a worker that died as Redis handed it over (kombu's BRPOP window).
+    """
+    with client.pipeline(transaction=True) as pipe:  # one consistent snapshot
+        for key in _queue_keys(settings.queue):
+            pipe.lrange(key, 0, -1)
+        lists = pipe.execute()
+    return {json.loads(raw)["headers"]["id"] for messages in lists for raw in messages}
 
 
 def _send(job: Job) -> None:

@@ -1,31 +1,37 @@
-"""Finds running jobs whose worker is gone for good, and sends them to the queue again.
+"""Finds unfinished jobs that no worker will run, and sends them to the queue again.
 
 A worker renews its job's lease in Redis every `lease_s / 3` seconds (worker.lease). If the
 whole worker host disappears (power loss, a node drained with `kill -9`), Celery would only
 redeliver the job's message after the broker's visibility timeout, which must exceed the
-longest job: days during which the job would sit `running`. The reaper watches instead: a job
-the database calls running or cancelling whose lease has been missing for longer than
-`lease_s`, and which has not finished, has no worker. It is sent again (the next worker
-resumes from the checkpoint if it shares the work directory), a cancelling one ends
-`cancelled`, and one that has used `max_attempts` ends `failed` with `worker_lost`.
+longest job: days during which the job would sit `running`. And a message can be lost
+outright: kombu's Redis transport pops it (BRPOP) before the worker records it, so a worker
+that dies at that instant takes the message with it and the job would stay `queued` forever.
+
+The reaper watches instead. A job the database calls queued (and sent), running or
+cancelling, whose message is not waiting in the queue and which no worker has leased, for
+longer than `lease_s`, and which has not finished, has no live delivery. It is sent again
+(the next worker resumes from the checkpoint if it shares the work directory), a cancelling
+one ends `cancelled`, and a running one that has used `max_attempts` ends `failed` with
+`worker_lost`. A job whose message waits in the queue is left alone however long it waits.
 
 Its verdicts travel through the event stream like a worker's reports, so a job's events stay
-gap-free and one ingester applies them. With several API replicas, a marker per attempt in
+gap-free and one ingester applies them. With several API replicas, a short-lived marker in
 Redis lets one of them act.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
 import redis
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from api.config import settings
 from api.db import session_scope
-from api.dispatch import send
+from api.dispatch import send, waiting_job_ids
 from api.models import Job
 from worker.lease import lease_key
 from worker.protocol import DONE_TTL_S, EventPublisher, attempt_key, done_key
@@ -39,21 +45,24 @@ class Reaper:
         self.missing_since: dict[str, float] = {}
 
     def scan(self, now: float | None = None) -> list[str]:
-        """One look at every running job; returns the ids of those found without a worker."""
+        """One look at every unfinished, sent job; returns the ids of those found without a
+        live delivery for `lease_s` (and sent again, cancelled or failed)."""
         now = time.monotonic() if now is None else now
         with session_scope() as session:
+            sent = and_(Job.status == "queued", Job.dispatched_at.is_not(None))
             query = select(Job.id, Job.status, Job.spec).where(
-                Job.status.in_(("running", "cancelling"))
+                or_(sent, Job.status.in_(("running", "cancelling")))
             )
-            running = list(session.execute(query))
+            jobs = list(session.execute(query))
         self.missing_since = {
             job_id: since
             for job_id, since in self.missing_since.items()
-            if job_id in {row.id for row in running}
+            if job_id in {row.id for row in jobs}
         }
+        waiting = waiting_job_ids(self.client) if jobs else set()
         lost = []
-        for job_id, status, spec in running:
-            if self.client.exists(lease_key(job_id), done_key(job_id)):
+        for job_id, status, spec in jobs:
+            if job_id in waiting or self.client.exists(lease_key(job_id), done_key(job_id)):
                 self.missing_since.pop(job_id, None)
                 continue
             since = self.missing_since.setdefault(job_id, now)
@@ -63,14 +72,24 @@ class Reaper:
         return lost
 
     def recover(self, job_id: str, status: str, spec: dict) -> bool:
-        """Requeue, cancel or fail a job without a worker; False if another replica did."""
-        attempt = int(self.client.get(attempt_key(job_id)) or 0)
-        marker = f"warp:job:{job_id}:reaped:{attempt}"
-        if not self.client.set(marker, 1, nx=True, ex=DONE_TTL_S):
+        """Requeue, cancel or fail a job without a worker; False if another replica did.
+
+        The marker outlives the other replicas' stale looks: by the time it expires, a job
+        sent again waits in the queue (or is leased by the worker that took it)."""
+        marker = f"warp:job:{job_id}:reaping"
+        if not self.client.set(marker, 1, nx=True, ex=math.ceil(settings.lease_s)):
             return False
+        attempt = int(self.client.get(attempt_key(job_id)) or 0)
         events = EventPublisher(self.client, settings.event_stream, job_id)
         silence = f"no heartbeat from its worker for over {settings.lease_s:g} s"
-        if status == "cancelling":
+        if status == "queued":
+            reason = (
+                "its message left the queue but no worker started it within "
+                f"{settings.lease_s:g} s (the worker that took it died)"
+            )
+            send(job_id, spec)
+            events.publish("requeued", reason=reason, attempt=attempt)
+        elif status == "cancelling":
             self._finish(events, "cancelled")
         elif attempt >= settings.max_attempts:
             message = f"{silence} on attempt {attempt} of {settings.max_attempts}; giving up"
@@ -78,7 +97,7 @@ class Reaper:
         else:
             send(job_id, spec)
             events.publish("requeued", reason=silence, attempt=attempt)
-        log.warning("job %s lost its worker (attempt %d, %s)", job_id, attempt, status)
+        log.warning("job %s has no live delivery (attempt %d, %s)", job_id, attempt, status)
         return True
 
     def _finish(self, events: EventPublisher, status: str, **data: object) -> None:

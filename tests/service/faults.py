@@ -5,6 +5,7 @@ tests kill with SIGKILL, and a short lease so lost workers are noticed in second
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -155,6 +156,13 @@ class FaultStack:
 
     def checkpoint(self, job_id: str) -> Path:
         return self.home / "work" / job_id / "output" / "checkpoints" / "finetune.pt"
+
+    def queued_message(self, job_id: str) -> bytes | None:
+        """The job's message as it waits on the queue, if it does."""
+        for raw in self.client.lrange(QUEUE, 0, -1):
+            if json.loads(raw)["headers"]["id"] == job_id:
+                return raw
+        return None
 
     def events(self, job_id: str) -> list[dict]:
         return self.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]

@@ -1,15 +1,18 @@
 """The lost-worker reaper on real PostgreSQL and Redis: a running job whose lease has lapsed
-is sent again, failed after max_attempts, or cancelled if cancelling; never twice."""
+is sent again, failed after max_attempts, or cancelled if cancelling; a sent job whose
+message vanished from the queue is sent again; a job waiting in the queue is left alone."""
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 from api.config import settings
-from api.db import session_scope
+from api.db import session_scope, utcnow
+from api.dispatch import send
 from api.models import Job
 from api.reaper import Reaper
 from worker.lease import lease_key
@@ -29,14 +32,24 @@ def wire(redis_client, monkeypatch):
     redis_client.delete(stream, QUEUE)
 
 
-@pytest.fixture()
-def running_job(database):
+def job_row(**fields) -> Iterator[str]:
     job_id = uuid.uuid4().hex
     with session_scope() as session:
-        session.add(Job(id=job_id, status="running", spec={"method": "warp"}, attempt=1))
+        session.add(Job(id=job_id, spec={"method": "warp"}, **fields))
     yield job_id
     with session_scope() as session:
         session.delete(session.get(Job, job_id))
+
+
+@pytest.fixture()
+def running_job(database):
+    yield from job_row(status="running", attempt=1)
+
+
+@pytest.fixture()
+def sent_job(database):
+    """Queued and handed to the broker (the dispatcher is done with it)."""
+    yield from job_row(status="queued", dispatched_at=utcnow())
 
 
 def set_status(job_id: str, status: str) -> None:
@@ -107,3 +120,22 @@ def test_a_cancelling_job_without_a_worker_ends_cancelled(redis_client, wire, ru
     assert lost(reaper, settings.lease_s, running_job)
     (finished,) = events(redis_client, wire, running_job)
     assert finished.data["status"] == "cancelled" and queued(redis_client, running_job) == 0
+
+
+def test_a_sent_job_whose_message_vanished_is_sent_again(redis_client, wire, sent_job):
+    """What a worker dying as Redis hands it the message (kombu's BRPOP window) leaves."""
+    reaper = Reaper(redis_client)
+    assert not lost(reaper, 0.0, sent_job)
+    assert lost(reaper, settings.lease_s, sent_job)
+    assert queued(redis_client, sent_job) == 1
+    (requeued,) = events(redis_client, wire, sent_job)
+    assert requeued.kind == "requeued" and "no worker started it" in requeued.data["reason"]
+    assert not lost(Reaper(redis_client), 0.0, sent_job)
+    assert not lost(reaper, 10.0 * settings.lease_s, sent_job), "it waits in the queue now"
+
+
+def test_a_job_waiting_in_the_queue_is_left_alone_however_long(redis_client, wire, sent_job):
+    send(sent_job, {"method": "warp"})
+    reaper = Reaper(redis_client)
+    assert not lost(reaper, 0.0, sent_job) and not lost(reaper, 1e6, sent_job)
+    assert queued(redis_client, sent_job) == 1 and events(redis_client, wire, sent_job) == []
