@@ -81,9 +81,16 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     return fields
 
 
-def invalid_request(fields: list[dict[str, str]]) -> JSONResponse:
+def invalid(fields: list[dict[str, str]]) -> ApiError:
+    """A 422 naming each field that is wrong and why (the one shape of bad input)."""
     message = "; ".join(f"{f['field']}: {f['reason']}" for f in fields)
-    return JSONResponse(error_body("invalid_request", message, fields=fields), 422)
+    return ApiError(422, "invalid_request", message, fields=fields)
+
+
+def render(exc: ApiError) -> JSONResponse:
+    extra = {key: value for key, value in exc.extra.items() if key != "headers"}
+    body = error_body(exc.code, exc.message, **extra)
+    return JSONResponse(body, exc.status, headers=exc.extra.get("headers"))
 
 
 def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -94,7 +101,7 @@ def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
     status. Others (an unknown path, a wrong method) keep their status and headers.
     """
     if exc.status_code == 400:
-        return invalid_request([{"field": "body", "reason": str(exc.detail)}])
+        return render(invalid([{"field": "body", "reason": str(exc.detail)}]))
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(allowed_methods(request))
@@ -130,13 +137,11 @@ def status_code_name(status: int) -> str:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        headers = exc.extra.pop("headers", None)
-        body = error_body(exc.code, exc.message, **exc.extra)
-        return JSONResponse(body, exc.status, headers=headers)
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return invalid_request(field_errors(list(exc.errors())))
+    async def unparsable(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return render(invalid(field_errors(list(exc.errors()))))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -147,7 +152,7 @@ def install_handlers(app: FastAPI) -> None:
         """A value PostgreSQL refuses to store or compare (a NUL character, a number out of
         range): the client's input, not an outage, so a 422 rather than the 503 below."""
         reason = str(exc.orig).splitlines()[0] if exc.orig else "a value the database refuses"
-        return invalid_request([{"field": "request", "reason": reason}])
+        return render(invalid([{"field": "request", "reason": reason}]))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)

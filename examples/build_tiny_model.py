@@ -9,7 +9,8 @@ writes OUT/model (a Hugging Face checkpoint: safetensors, config, tokenizer with
 template) and OUT/spec.json (a complete `JobSpec` with absolute paths). The tokenizer is a
 byte-level BPE trained on the prompts and responses of the example slices; the model is
 randomly initialised, so it answers nonsense: it exists to exercise the pipeline end to end
-in about a minute on a laptop CPU. The same seed gives the same files.
+in about a minute on a laptop CPU (`--quick`: in seconds, as the service tests and the
+benchmarks submit it). The same seed gives the same files.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ HYPERPARAMETERS: dict[str, Any] = {
 }
 
 
+QUICK: dict[str, Any] = {
+    # Seconds of work instead of a minute: what the service tests and benchmarks submit.
+    "safety_data": {"limit": 32},
+    "utility_data": {"limit": 64},
+    "eval": {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8},
+    "hyperparameters": {"max_length": 192, "checkpoint_every": 2},
+}
+
+
 def spec_input(base_model: str, data_dir: str, seed: int = 0) -> dict[str, Any]:
     """The example job as written by hand: only the fields that differ from the defaults.
 
@@ -90,15 +100,32 @@ def training_texts(data_dir: Path) -> list[str]:
     return texts
 
 
+def quick(spec: dict[str, Any]) -> dict[str, Any]:
+    """`spec` cut down to QUICK (the eval section is replaced, not merged)."""
+    return {
+        **spec,
+        "safety_data": {**spec["safety_data"], **QUICK["safety_data"]},
+        "utility_data": {**spec["utility_data"], **QUICK["utility_data"]},
+        "eval": QUICK["eval"],
+        "hyperparameters": {**spec["hyperparameters"], **QUICK["hyperparameters"]},
+    }
+
+
 def build(
-    out: Path, hidden: int = 64, layers: int = 2, vocab: int = 1024, seed: int = 0
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    vocab: int = 1024,
+    seed: int = 0,
+    fast: bool = False,
 ) -> tuple[Path, Path]:
-    """Write OUT/model and OUT/spec.json; return both paths."""
+    """Write OUT/model and OUT/spec.json (cut down to QUICK if `fast`); return both paths."""
     out = out.resolve()
     tokenizer = train_tokenizer(training_texts(DATA_DIR), vocab_size=vocab)
     model = tiny_llama(tokenizer, hidden_size=hidden, num_layers=layers, seed=seed)
     model_dir = save_checkpoint(model, tokenizer, out / "model")
-    spec = JobSpec.model_validate(spec_input(str(model_dir), str(DATA_DIR), seed))
+    spec_dict = spec_input(str(model_dir), str(DATA_DIR), seed)
+    spec = JobSpec.model_validate(quick(spec_dict) if fast else spec_dict)
     spec_path = out / "spec.json"
     spec_path.write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return model_dir, spec_path
@@ -111,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--vocab", type=int, default=1024, help="tokenizer vocabulary size")
     parser.add_argument("--seed", type=int, default=0, help="model init and job seed")
+    parser.add_argument(
+        "--quick", action="store_true", help="a spec of seconds (small slices, short eval)"
+    )
     args = parser.parse_args(argv)
     if args.hidden <= 0 or args.hidden % 4:
         parser.error("--hidden must be a positive multiple of 4 (4 attention heads)")
@@ -123,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    model_dir, spec_path = build(args.out, args.hidden, args.layers, args.vocab, args.seed)
+    model_dir, spec_path = build(
+        args.out, args.hidden, args.layers, args.vocab, args.seed, args.quick
+    )
     print(f"model:  {model_dir}")
     print(f"spec:   {spec_path}")
     print(f"run it: warp run {spec_path} --out runs/example")

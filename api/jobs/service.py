@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from api.auth import Caller, too_many
 from api.config import settings
 from api.db import utcnow
-from api.errors import ApiError, not_found
+from api.errors import ApiError, invalid, not_found
 from api.models import ACTIVE, Artifact, Job, JobEvent, UploadedFile
 from api.sources import dataset_refs, source_problems
 from warp_core.spec import JobSpec
@@ -94,14 +94,9 @@ def _check_active_jobs(session: Session, caller: Caller) -> None:
         )
 
 
-def _invalid(fields: list[dict[str, str]]) -> ApiError:
-    first = fields[0]
-    return ApiError(422, "invalid_request", f"{first['field']}: {first['reason']}", fields=fields)
-
-
 def _check_sources(spec: JobSpec) -> None:
     if problems := source_problems(spec, settings.data_roots):
-        raise _invalid(problems)
+        raise invalid(problems)
 
 
 def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
@@ -111,7 +106,7 @@ def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
             upload = session.get(UploadedFile, file_id)
             if upload is None or not caller.owns(upload.owner_id):
                 reason = f"no uploaded file {file_id}"
-                raise _invalid([{"field": f"{where}.source", "reason": reason}])
+                raise invalid([{"field": f"{where}.source", "reason": reason}])
 
 
 def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -> Job:
@@ -134,12 +129,7 @@ def list_jobs(
     if after:
         cursor = session.get(Job, after)
         if cursor is None or not caller.owns(cursor.owner_id):
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"after: no job {after}",
-                fields=[{"field": "after", "reason": f"no job {after}"}],
-            )
+            raise invalid([{"field": "after", "reason": f"no job {after}"}])
         query = query.where(tuple_(Job.created_at, Job.id) < (cursor.created_at, cursor.id))
     rows = list(session.scalars(query.limit(limit + 1)))
     return rows[:limit], len(rows) > limit

@@ -149,18 +149,22 @@ def create_key(env: dict[str, str], name: str, *options: str) -> str:
 def tiny_job(tmp_path_factory) -> dict:
     """A built tiny model and a small, fast WaRP spec for it (as a JSON body)."""
     out = tmp_path_factory.mktemp("tiny-model")
+    builder = [sys.executable, str(REPO / "examples" / "build_tiny_model.py"), "--quick"]
     subprocess.run(
-        [sys.executable, str(REPO / "examples" / "build_tiny_model.py"), "--out", str(out)],
+        [*builder, "--out", str(out)],
         check=True,
         capture_output=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    spec = json.loads((out / "spec.json").read_text())
-    spec["safety_data"]["limit"] = 32
-    spec["utility_data"]["limit"] = 64
-    spec["eval"] = {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8}
-    spec["hyperparameters"].update({"max_length": 192, "checkpoint_every": 2})
-    return spec
+    return json.loads((out / "spec.json").read_text())
+
+
+def invalid_fields(response: httpx.Response) -> list[str]:
+    """The fields a 422 names (the test fails if the response is not such a 422)."""
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request", error
+    return [f["field"] for f in error["fields"]]
 
 
 def wait_for(http: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = 180) -> dict:
