@@ -123,7 +123,7 @@ class Stack:
         self.env = {
             **os.environ,
             "WARP_DATABASE_URL": self.database_url,
-            "WARP_AUTH_REQUIRED": "false",  # the framework's cost, not key lookups
+            "WARP_AUTH_REQUIRED": "false",  # the framework's cost; --auth adds key lookups
             "WARP_DATA_ROOTS": json.dumps(["/"]),
             "WARP_REDIS_URL": REDIS_URL,
             "WARP_HOME": str(self.home),
@@ -160,6 +160,17 @@ class Stack:
             capture_output=True,
             timeout=120,
         )
+
+    def create_key(self) -> str:
+        """Require API keys from now on; an admin key without practical limits, made with
+        the admin command as an operator would."""
+        self.env["WARP_AUTH_REQUIRED"] = "true"
+        command = [sys.executable, "-m", "api.cli", "admin", "create-key", "--name", "load"]
+        limits = ["--admin", "--rate-limit", "100000000", "--max-active-jobs", "100000000"]
+        made = subprocess.run(
+            [*command, *limits], cwd=REPO, env=self.env, capture_output=True, text=True, check=True
+        )
+        return made.stdout.strip()
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         """Start a child process in the repository, its output in `logs/NAME.log`."""
@@ -359,6 +370,7 @@ async def measure(
     server_pid: int,
     timeout_s: float = 30.0,
     per_task: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> Cell:
     """One cell: warm the connections up, then measure a window of `seconds`.
 
@@ -373,6 +385,7 @@ async def measure(
             await stack.enter_async_context(
                 httpx.AsyncClient(
                     base_url=url,
+                    headers=headers,
                     timeout=timeout,
                     limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
                 )
@@ -453,7 +466,8 @@ def run(ns: argparse.Namespace) -> list[Cell]:
     with Stack("load", ns.keep_logs) as stack:
         print(f"database {stack.database}, logs {stack.logs}", flush=True)
         stack.create_database()
-        with httpx.Client(base_url=fresh("api"), timeout=30) as http:
+        headers = {"Authorization": f"Bearer {stack.create_key()}"} if ns.auth else {}
+        with httpx.Client(base_url=fresh("api"), timeout=30, headers=headers) as http:
             created = http.post("/v1/jobs", json=spec_body(0))
             created.raise_for_status()
             job_id = created.json()["id"]
@@ -473,6 +487,7 @@ def run(ns: argparse.Namespace) -> list[Cell]:
                         stack.processes[name].pid,
                         ns.timeout,
                         ns.clients == "per-task",
+                        headers,
                     )
                 )
                 cells.append(cell)
@@ -510,6 +525,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="one AsyncClient for all tasks (default) or one single-connection client per task",
     )
     parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs")
+    parser.add_argument(
+        "--auth", action="store_true", help="require API keys (a key lookup per request)"
+    )
     ns = parser.parse_args(argv)
     if any(c <= 0 or c > 2000 for c in ns.concurrency):
         parser.error("--concurrency values must be in 1..2000")
