@@ -8,12 +8,19 @@ they did not exist, and only an admin key sees everything. With `WARP_AUTH_REQUI
 Each key has a request rate (a per-minute counter in Redis) and a number of jobs it may have
 queued or running; past either it gets a 429 with `Retry-After`. When Redis is down the rate
 is not counted (status reads keep working from the database); the job limit always holds.
+
+A looked-up key is reused by its API process for `auth_cache_s` seconds, which takes a
+database session off every request. Revocation still takes effect at the key's next
+request: `warp admin revoke-key` also leaves a marker in Redis, checked in the same round
+trip as the rate counter. Only if Redis is unreachable does a revoked key keep working, for
+at most `auth_cache_s` seconds, in the processes that had it cached.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,6 +39,8 @@ from api.errors import ApiError
 from api.models import ApiKey
 
 KEY_PREFIX = "warp_"
+REVOKED_TTL_S = 24 * 3600
+"""How long a revocation marker stays in Redis: far longer than any process caches a key."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,44 @@ def revoke_key(session: Session, key_id: str) -> ApiKey | None:
     return row
 
 
+def revoked_marker(key_id: str) -> str:
+    return f"warp:key:{key_id}:revoked"
+
+
+def announce_revocation(client: redis.Redis, key_id: str) -> None:
+    """Tell every API process, at its next request with the key, that it is revoked."""
+    client.set(revoked_marker(key_id), 1, ex=REVOKED_TTL_S)
+
+
+class RecentKeys:
+    """Valid keys this process looked up lately: key hash -> (expiry, Caller). Made-up keys
+    are never kept, so it holds at most one entry per real key."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, Caller]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key_hash: str) -> Caller | None:
+        with self._lock:
+            expires, caller = self._entries.get(key_hash, (0.0, None))
+        return caller if time.monotonic() < expires else None
+
+    def put(self, key_hash: str, caller: Caller) -> None:
+        if settings.auth_cache_s > 0:
+            with self._lock:
+                self._entries[key_hash] = (time.monotonic() + settings.auth_cache_s, caller)
+
+    def forget(self, key_id: str) -> None:
+        with self._lock:
+            self._entries = {h: e for h, e in self._entries.items() if e[1].key_id != key_id}
+
+
+RECENT_KEYS = RecentKeys()
+
+
+REFUSED = "unknown or revoked API key"
+
+
 def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
@@ -103,16 +150,21 @@ def authenticate(
     key = credentials.credentials.strip() if credentials else ""
     if not key:
         raise _unauthorized("send an API key: `Authorization: Bearer <key>`")
+    digest = hash_key(key)
+    if cached := RECENT_KEYS.get(digest):
+        return cached
     with session_scope() as session:
-        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
+        row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is None or row.revoked_at is not None:
-            raise _unauthorized("unknown or revoked API key")
-        return Caller(
+            raise _unauthorized(REFUSED)
+        caller = Caller(
             key_id=row.id,
             admin=row.admin,
             rate_limit_per_minute=row.rate_limit_per_minute or settings.rate_limit_per_minute,
             max_active_jobs=row.max_active_jobs or settings.max_active_jobs,
         )
+    RECENT_KEYS.put(digest, caller)
+    return caller
 
 
 def too_many(code: str, message: str, retry_after_s: int) -> ApiError:
@@ -120,7 +172,8 @@ def too_many(code: str, message: str, retry_after_s: int) -> ApiError:
 
 
 def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: RedisDep) -> Caller:
-    """The caller, if within its request rate this minute (a fixed window in Redis)."""
+    """The caller, if its key is not revoked and within its request rate this minute (a
+    fixed window in Redis; one round trip for both)."""
     if caller.key_id is None or caller.rate_limit_per_minute is None:
         return caller
     now = time.time()
@@ -128,9 +181,13 @@ def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: Redis
     counter = f"warp:rate:{caller.key_id}:{window}"
     try:
         with client.pipeline() as pipe:
-            count, _ = pipe.incr(counter).expire(counter, 120).execute()
+            pipe.exists(revoked_marker(caller.key_id)).incr(counter).expire(counter, 120)
+            revoked, count, _ = pipe.execute()
     except redis.RedisError:
         return caller  # fail open: reads must work while Redis is down
+    if revoked:
+        RECENT_KEYS.forget(caller.key_id)
+        raise _unauthorized(REFUSED)
     if count > caller.rate_limit_per_minute:
         raise too_many(
             "rate_limited",

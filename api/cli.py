@@ -349,13 +349,24 @@ def list_keys_command(as_json: JsonOption = False) -> None:
 @admin.command("revoke-key")
 def revoke_key_command(key_id: str) -> None:
     """Revoke a key: its next request is a 401. Its jobs keep running."""
-    from api.auth import revoke_key
+    import redis
+
+    from api.auth import announce_revocation, revoke_key
+    from api.config import settings
     from api.db import session_scope
+    from worker.protocol import redis_client
 
     with session_scope() as session:
         if revoke_key(session, key_id) is None:
             console.print(f"[red]error:[/red] no key {key_id}")
             raise typer.Exit(1)
+    try:
+        announce_revocation(redis_client(settings.resolved_redis_url), key_id)
+    except redis.RedisError as exc:
+        console.print(
+            f"[yellow]warning:[/yellow] Redis unreachable ({exc}): API processes that looked "
+            f"the key up in the last {settings.auth_cache_s:g} s accept it until then"
+        )
     console.print(f"revoked {key_id}")
 
 

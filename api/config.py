@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     auth_required: bool = Field(
         True, description="Require an API key; only embedded mode turns this off."
     )
+    auth_cache_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Seconds an API process reuses a key lookup (0: look up every request). "
+        "Revocation still applies at the next request through Redis.",
+    )
     rate_limit_per_minute: int = Field(
         1200, ge=1, description="Requests per minute per API key (a key may set its own)."
     )

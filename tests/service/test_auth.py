@@ -11,7 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from api.db import session_scope
+from api.auth import announce_revocation
+from api.db import session_scope, utcnow
 from api.embedded import REPO
 from api.models import ApiKey
 from tests.service.conftest import create_key, invalid_fields, wait_for
@@ -104,6 +105,17 @@ def test_a_revoked_key_is_refused_at_its_next_request(service):
             key_id = session.scalar(select(ApiKey.id).where(ApiKey.name == "leaver"))
         command = [sys.executable, "-m", "api.cli", "admin", "revoke-key", key_id]
         subprocess.run(command, cwd=REPO, env=service.env, check=True, capture_output=True)
+        assert http.get("/v1/jobs").status_code == 401
+
+
+def test_a_lookup_is_reused_but_a_revocation_reaches_it_through_redis(service, redis_client):
+    with client(service, create_key(service.env, "cached")) as http:
+        assert http.get("/v1/jobs").status_code == 200
+        with session_scope() as session:  # revoked behind the API's back: no marker in Redis
+            row = session.scalar(select(ApiKey).where(ApiKey.name == "cached"))
+            row.revoked_at, key_id = utcnow(), row.id
+        assert http.get("/v1/jobs").status_code == 200, "the API reused its lookup"
+        announce_revocation(redis_client, key_id)
         assert http.get("/v1/jobs").status_code == 401
 
 
