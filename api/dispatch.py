@@ -37,6 +37,11 @@ def _queue_keys(queue: str) -> tuple[str, ...]:
         return tuple(channel._q_for_pri(queue, p) for p in channel.priority_steps)
 
 
+def message_job_id(raw: bytes) -> str:
+    """The job a raw queue message carries (its task id is the job id, see `send`)."""
+    return json.loads(raw)["headers"]["id"]
+
+
 def waiting_job_ids(client: redis.Redis) -> set[str]:
     """Ids of the jobs whose message waits in the queue, not yet taken by any worker.
 
@@ -49,7 +54,7 @@ def waiting_job_ids(client: redis.Redis) -> set[str]:
         for key in _queue_keys(settings.queue):
             pipe.lrange(key, 0, -1)
         lists = pipe.execute()
-    return {json.loads(raw)["headers"]["id"] for messages in lists for raw in messages}
+    return {message_job_id(raw) for messages in lists for raw in messages}
 
 
 def _send(job: Job) -> None:

@@ -82,21 +82,20 @@ class Reaper:
         attempt = int(self.client.get(attempt_key(job_id)) or 0)
         events = EventPublisher(self.client, settings.event_stream, job_id)
         silence = f"no heartbeat from its worker for over {settings.lease_s:g} s"
-        if status == "queued":
-            reason = (
-                "its message left the queue but no worker started it within "
-                f"{settings.lease_s:g} s (the worker that took it died)"
-            )
-            send(job_id, spec)
-            events.publish("requeued", reason=reason, attempt=attempt)
-        elif status == "cancelling":
+        if status == "cancelling":
             self._finish(events, "cancelled")
-        elif attempt >= settings.max_attempts:
+        elif status == "running" and attempt >= settings.max_attempts:
             message = f"{silence} on attempt {attempt} of {settings.max_attempts}; giving up"
             self._finish(events, "failed", error={"code": "worker_lost", "message": message})
         else:
+            reason = silence
+            if status == "queued":
+                reason = (
+                    "its message left the queue but no worker started it within "
+                    f"{settings.lease_s:g} s (the worker that took it died)"
+                )
             send(job_id, spec)
-            events.publish("requeued", reason=silence, attempt=attempt)
+            events.publish("requeued", reason=reason, attempt=attempt)
         log.warning("job %s has no live delivery (attempt %d, %s)", job_id, attempt, status)
         return True
 

@@ -5,7 +5,6 @@ tests kill with SIGKILL, and a short lease so lost workers are noticed in second
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from api.dispatch import message_job_id
 from api.embedded import api_command, free_port, wait_ready, worker_command
 from tests.service.conftest import PG_SERVER, spawn
 
@@ -160,7 +160,7 @@ class FaultStack:
     def queued_message(self, job_id: str) -> bytes | None:
         """The job's message as it waits on the queue, if it does."""
         for raw in self.client.lrange(QUEUE, 0, -1):
-            if json.loads(raw)["headers"]["id"] == job_id:
+            if message_job_id(raw) == job_id:
                 return raw
         return None
 
