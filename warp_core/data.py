@@ -23,7 +23,7 @@ import datasets
 import torch
 from datasets import load_dataset
 
-from warp_core.spec import LOCAL_SUFFIXES, DatasetRef
+from warp_core.spec import LOCAL_FORMATS, DatasetRef
 
 # `load_dataset("csv", ...)` would otherwise send a usage ping for every local file it reads,
 # and stall for seconds where there is no network; jobs should not phone home.
@@ -66,7 +66,8 @@ def load_rows(ref: DatasetRef) -> list[dict[str, Any]]:
         path = Path(ref.source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {ref.source}")
-        builder = LOCAL_SUFFIXES[path.suffix.lower()]
+        fmt = LOCAL_FORMATS[path.suffix.lower()]
+        builder = "json" if fmt == "jsonl" else fmt  # one `datasets` builder reads both
         dataset = load_dataset(builder, data_files=str(path), split="train")
     else:
         dataset = load_dataset(ref.source, ref.config, split=ref.split)

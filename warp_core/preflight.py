@@ -18,10 +18,7 @@ class PreflightError(ValueError):
 def check_spec(spec: JobSpec) -> None:
     """Raise PreflightError listing every problem found, or return quietly."""
     problems = _model_problems(spec.base_model)
-    refs = {"safety_data": spec.safety_data, "utility_data": spec.utility_data}
-    if spec.eval.enabled:
-        refs |= {f"eval.{n}": getattr(spec.eval, n) for n in ("harmful", "benign", "utility")}
-    for where, ref in refs.items():
+    for where, ref in spec.dataset_refs():
         problems += [f"{where}: {problem}" for problem in _data_problems(ref)]
     if problems:
         raise PreflightError("\n".join(problems))

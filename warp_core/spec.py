@@ -8,6 +8,7 @@ people.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, Self
 
@@ -28,7 +29,8 @@ DEFAULT_TARGET_MODULES = (
 REFERENCE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 """The reference implementation's targets, kept selectable for comparison."""
 
-LOCAL_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
+"""File suffix -> format of the dataset files a job reads and the API accepts as uploads."""
 
 Preset = Literal["do-not-answer", "gsm8k", "mbpp"]
 
@@ -70,7 +72,7 @@ class DatasetRef(_Strict):
     @property
     def is_local(self) -> bool:
         """A file path by its form (known suffix or explicit path), whatever the cwd holds."""
-        return Path(self.source).suffix.lower() in LOCAL_SUFFIXES or self.source.startswith(
+        return Path(self.source).suffix.lower() in LOCAL_FORMATS or self.source.startswith(
             ("/", "./", "../", "~")
         )
 
@@ -78,10 +80,10 @@ class DatasetRef(_Strict):
     def _resolve_preset(self) -> Self:
         if "://" in self.source:
             raise ValueError(f"source: {self.source!r} is neither a Hub id nor a local file")
-        if self.is_local and Path(self.source).suffix.lower() not in LOCAL_SUFFIXES:
+        if self.is_local and Path(self.source).suffix.lower() not in LOCAL_FORMATS:
             raise ValueError(
                 f"source: local file {self.source!r} must end in one of "
-                f"{', '.join(sorted(LOCAL_SUFFIXES))}"
+                f"{', '.join(sorted(LOCAL_FORMATS))}"
             )
         if self.preset is None:
             self.preset = PRESET_FOR_HUB_ID.get(self.source.lower())
@@ -101,6 +103,10 @@ class DatasetRef(_Strict):
                 f"{self.source!r} is used whole for training (no limit), so nothing is held out"
             )
         return self.model_copy(update={"offset": self.offset + self.limit, "limit": limit})
+
+
+EVAL_SETS = ("harmful", "benign", "utility")
+"""The evaluation sets of `EvalSpec`, in the order they are evaluated."""
 
 
 class EvalSpec(_Strict):
@@ -215,6 +221,28 @@ class JobSpec(_Strict):
         utility = ev.utility or benign
         self.eval = ev.model_copy(update={"harmful": harmful, "benign": benign, "utility": utility})
         return self
+
+    def dataset_refs(self) -> Iterator[tuple[str, DatasetRef]]:
+        """Every dataset the job reads, with its field path (`eval.benign`): the one list of
+        them, for source rules, preflight checks and making uploads local."""
+        yield "safety_data", self.safety_data
+        yield "utility_data", self.utility_data
+        if self.eval.enabled:
+            for name in EVAL_SETS:
+                if (ref := getattr(self.eval, name)) is not None:
+                    yield f"eval.{name}", ref
+
+    def map_datasets(self, change: Callable[[DatasetRef], DatasetRef]) -> JobSpec:
+        """A copy with `change` applied to every dataset reference of `dataset_refs`."""
+        changed = {where: change(ref) for where, ref in self.dataset_refs()}
+        evals = {k.removeprefix("eval."): v for k, v in changed.items() if k.startswith("eval.")}
+        return self.model_copy(
+            update={
+                "safety_data": changed["safety_data"],
+                "utility_data": changed["utility_data"],
+                "eval": self.eval.model_copy(update=evals),
+            }
+        )
 
 
 def format_validation_error(error: ValidationError) -> str:
