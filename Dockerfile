@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every warp-service process: the API (default command), the Celery worker and
-# the one-shot `alembic upgrade head` (see docker-compose.yml for the commands).
+# the one-shot `warp admin migrate` (see docker-compose.yml for the commands).
 #
 #   docker build -t warp-service .
 #
@@ -49,10 +49,12 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
 
 # 3. The project itself.
 COPY warp_core ./warp_core
+COPY service ./service
 COPY api ./api
 COPY worker ./worker
+COPY client ./client
 RUN pip install . \
-    && cd / && python -c "import torch, api.config, worker.celery_app; print('torch', torch.__version__)"
+    && cd / && python -c "import torch, api.migrate, worker.tasks, client.cli; print('torch', torch.__version__)"
 
 # -------------------------------------------------------------------------- runtime stage
 FROM ${PYTHON_IMAGE} AS runtime
@@ -76,12 +78,8 @@ RUN groupadd --system --gid "${APP_GID}" warp \
 
 COPY --from=build /opt/venv /opt/venv
 
+# Everything, migrations included (`warp admin migrate`), comes from the installed package.
 WORKDIR /app
-# Alembic runs from here: `alembic upgrade head` finds ./alembic.ini and ./migrations;
-# the code itself (api, worker, warp_core) is imported from the installed package.
-COPY alembic.ini ./alembic.ini
-COPY migrations ./migrations
-
 USER warp
 
 EXPOSE 8000

@@ -32,11 +32,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.config import settings
 from api.db import session_scope, utcnow
 from api.deps import RedisDep
 from api.errors import ApiError
 from api.models import ApiKey
+from service.config import settings
+from service.protocol import rate_key, revoked_key
 
 KEY_PREFIX = "warp_"
 REVOKED_TTL_S = 24 * 3600
@@ -91,13 +92,9 @@ def revoke_key(session: Session, key_id: str) -> ApiKey | None:
     return row
 
 
-def revoked_marker(key_id: str) -> str:
-    return f"warp:key:{key_id}:revoked"
-
-
 def announce_revocation(client: redis.Redis, key_id: str) -> None:
     """Tell every API process, at its next request with the key, that it is revoked."""
-    client.set(revoked_marker(key_id), 1, ex=REVOKED_TTL_S)
+    client.set(revoked_key(key_id), 1, ex=REVOKED_TTL_S)
 
 
 class RecentKeys:
@@ -178,10 +175,10 @@ def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: Redis
         return caller
     now = time.time()
     window = int(now // 60)
-    counter = f"warp:rate:{caller.key_id}:{window}"
+    counter = rate_key(caller.key_id, window)
     try:
         with client.pipeline() as pipe:
-            pipe.exists(revoked_marker(caller.key_id)).incr(counter).expire(counter, 120)
+            pipe.exists(revoked_key(caller.key_id)).incr(counter).expire(counter, 120)
             revoked, count, _ = pipe.execute()
     except redis.RedisError:
         return caller  # fail open: reads must work while Redis is down

@@ -14,9 +14,9 @@ from typing import Annotated
 import redis
 from fastapi import Depends
 
-from api.config import settings
-from worker.protocol import redis_client
-from worker.storage import ArtifactStore
+from service.config import settings
+from service.protocol import redis_client
+from service.storage import ArtifactStore
 
 
 @lru_cache

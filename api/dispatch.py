@@ -11,13 +11,13 @@ from functools import cache
 import redis
 from sqlalchemy import select
 
-from api.config import settings
 from api.db import session_scope, utcnow
 from api.models import Job
-from worker.celery_app import app as celery_app
+from service.celery_app import app as celery_app
+from service.config import settings
+from service.protocol import TASK
 
 log = logging.getLogger(__name__)
-TASK = "warp.run_job"
 
 
 def send(job_id: str, spec: dict) -> None:
@@ -79,12 +79,13 @@ def dispatch_pending(limit: int = 100) -> int:
         return len(jobs)
 
 
-def dispatch_job(job_id: str) -> None:
-    """Send one job right after it is stored (best effort: the loop catches what fails)."""
+def dispatch_soon() -> None:
+    """Send what is pending right after a job is stored, instead of at the loop's next turn
+    (best effort: the loop catches what fails)."""
     try:
         dispatch_pending()
     except Exception as exc:  # Redis or the database is down: the loop retries
-        log.warning("dispatch of %s deferred: %s", job_id, exc)
+        log.warning("dispatch deferred: %s", exc)
 
 
 def revoke(job_id: str) -> None:

@@ -13,10 +13,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select, text
 
-from api.config import settings
 from api.db import SessionLocal, engine
 from api.deps import get_redis
-from api.models import STATUSES, Job
+from api.models import Job
+from service.config import settings
+from service.status import STATUSES
 
 router = APIRouter(tags=["health"])
 LATENCY = Histogram(

@@ -21,10 +21,10 @@ from prometheus_client import Gauge
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from api.config import settings
 from api.db import session_scope
 from api.models import Artifact, Job, JobEvent
-from worker.protocol import JobEventMessage
+from service.config import settings
+from service.protocol import JobEventMessage
 
 log = logging.getLogger(__name__)
 INGEST_LAG = Gauge("warp_event_ingestion_lag_seconds", "Age of the last ingested event")

@@ -6,14 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from api.db import Base, utcnow
-
-TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running", "cancelling")
-STATUSES = (*ACTIVE, *TERMINAL)
+from api.db import Base, UtcDateTime, utcnow
+from service.status import TERMINAL
 
 
 class ApiKey(Base):
@@ -28,15 +25,15 @@ class ApiKey(Base):
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
     rate_limit_per_minute: Mapped[int | None] = mapped_column()
     max_active_jobs: Mapped[int | None] = mapped_column()
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
     phase: Mapped[str | None] = mapped_column(String(16))
     progress_fraction: Mapped[float] = mapped_column(default=0.0)
@@ -50,10 +47,10 @@ class Job(Base):
     last_seq: Mapped[int] = mapped_column(default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
     __table_args__ = (Index("ix_jobs_created_at_id", "created_at", "id"),)
 
@@ -71,8 +68,8 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(32))
     phase: Mapped[str | None] = mapped_column(String(16))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    ingested_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (Index("uq_job_events_job_id_seq", "job_id", "seq", unique=True),)
 
@@ -84,18 +81,18 @@ class Artifact(Base):
     name: Mapped[str] = mapped_column(String(512), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
 class UploadedFile(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    owner_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     rows: Mapped[int] = mapped_column()
     columns: Mapped[list[str]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -1,6 +1,6 @@
 """Finds unfinished jobs that no worker will run, and sends them to the queue again.
 
-A worker renews its job's lease in Redis every `lease_s / 3` seconds (worker.lease). If the
+A worker renews its job's lease in Redis every `lease_s / 3` seconds (service.lease). If the
 whole worker host disappears (power loss, a node drained with `kill -9`), Celery would only
 redeliver the job's message after the broker's visibility timeout, which must exceed the
 longest job: days during which the job would sit `running`. And a message can be lost
@@ -29,12 +29,18 @@ import time
 import redis
 from sqlalchemy import and_, or_, select
 
-from api.config import settings
 from api.db import session_scope
 from api.dispatch import send, waiting_job_ids
 from api.models import Job
-from worker.lease import lease_key
-from worker.protocol import DONE_TTL_S, EventPublisher, attempt_key, done_key
+from service.config import settings
+from service.protocol import (
+    DONE_TTL_S,
+    EventPublisher,
+    attempt_key,
+    done_key,
+    lease_key,
+    reaping_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +82,7 @@ class Reaper:
 
         The marker outlives the other replicas' stale looks: by the time it expires, a job
         sent again waits in the queue (or is leased by the worker that took it)."""
-        marker = f"warp:job:{job_id}:reaping"
-        if not self.client.set(marker, 1, nx=True, ex=math.ceil(settings.lease_s)):
+        if not self.client.set(reaping_key(job_id), 1, nx=True, ex=math.ceil(settings.lease_s)):
             return False
         attempt = int(self.client.get(attempt_key(job_id)) or 0)
         events = EventPublisher(self.client, settings.event_stream, job_id)

@@ -2,7 +2,7 @@
 
 Part 1, ingestion (in-process, no server): a fresh migrated database `bench_ingest_<random>`
 and Redis db 13 (flushed). `--jobs` jobs are inserted with SQLAlchemy (status `running`),
-then `--events` progress events per job are appended with `worker.protocol.EventPublisher`,
+then `--events` progress events per job are appended with `service.protocol.EventPublisher`,
 round-robin over the jobs as concurrent workers would, as fast as one client can. Then
 `api.ingest.Ingester(...).step()` runs in a loop, exactly as the API's ingester thread does
 (batches of up to 500 entries, one transaction per batch, acknowledged after the commit),
@@ -51,7 +51,7 @@ def ingestion(stack: Stack, jobs: int, events: int) -> dict[str, Any]:
     import api.ingest as ingest_module  # after the WARP_* variables are set
     from api.db import engine, session_scope, utcnow
     from api.models import Job, JobEvent
-    from worker.protocol import EventPublisher, redis_client
+    from service.protocol import EventPublisher, redis_client
 
     client = redis_client(REDIS_URL)
     client.flushdb()
@@ -68,7 +68,7 @@ def ingestion(stack: Stack, jobs: int, events: int) -> dict[str, Any]:
                 )
             )
 
-    from api.config import settings
+    from service.config import settings
 
     publishers = [EventPublisher(client, settings.event_stream, job_id) for job_id in ids]
     started = time.perf_counter()
@@ -150,8 +150,8 @@ def dispatch(
 ) -> list[dict[str, Any]]:
     """Submit failing jobs one by one; returns per-job latencies in seconds."""
     from api.db import engine, session_scope
-    from api.embedded import worker_command
     from api.models import Job
+    from client.embedded import worker_command
 
     api_url = stack.start_uvicorn("api", "api.main:app")
     stack.start("worker", worker_command("gpu"))

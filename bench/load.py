@@ -53,8 +53,10 @@ import redis
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from client.embedded import migrate_command
+from warp_core.testing import EXAMPLE_DATA
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "examples" / "data"
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/13"
 TARGETS = ("poll", "submit", "bare-get", "bare-post")
@@ -93,7 +95,7 @@ def spec_body(seed: int) -> dict[str, Any]:
     """
 
     def ref(name: str, preset: str, limit: int) -> dict[str, Any]:
-        return {"source": str(DATA / name), "preset": preset, "limit": limit}
+        return {"source": str(EXAMPLE_DATA / name), "preset": preset, "limit": limit}
 
     return {
         "base_model": str(REPO / "examples"),
@@ -142,7 +144,7 @@ class Stack:
 
     def _admin(self) -> Engine:
         """An autocommit engine on the server's `test` database (CREATE/DROP DATABASE)."""
-        return create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
+        return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
 
     def create_database(self) -> None:
         """Flush Redis db 13, create the database and migrate it with Alembic."""
@@ -153,7 +155,7 @@ class Stack:
         admin.dispose()
         self._created = True
         subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
+            migrate_command(),
             cwd=REPO,
             env=self.env,
             check=True,
@@ -165,7 +167,7 @@ class Stack:
         """Require API keys from now on; an admin key without practical limits, made with
         the admin command as an operator would."""
         self.env["WARP_AUTH_REQUIRED"] = "true"
-        command = [sys.executable, "-m", "api.cli", "admin", "create-key", "--name", "load"]
+        command = [sys.executable, "-m", "client.cli", "admin", "create-key", "--name", "load"]
         limits = ["--admin", "--rate-limit", "100000000", "--max-active-jobs", "100000000"]
         made = subprocess.run(
             [*command, *limits], cwd=REPO, env=self.env, capture_output=True, text=True, check=True

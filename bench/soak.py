@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 from load import REPO, Stack, sigterm_as_interrupt
 
-from api.embedded import worker_command
+from client.embedded import worker_command
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 ACTIVE = {"queued", "running", "cancelling"}

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from alembic.config import Config as AlembicConfig
 
-from api.config import Settings
+from api.migrate import ALEMBIC_INI
+from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -160,7 +161,7 @@ def test_every_warp_variable_is_a_setting(services):
         for key in environment(service)
         if key.startswith(prefix) and key[len(prefix) :].lower() not in fields
     }
-    assert not unknown, f"WARP_* variables that api.config.Settings ignores: {sorted(unknown)}"
+    assert not unknown, f"WARP_* variables that service.config.Settings ignores: {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("name", sorted(REQUIRED_ENV))
@@ -224,7 +225,7 @@ def test_commands_resolve_to_importable_apps(services, tmp_path):
     api_target = uvicorn_target(command(services["api"]))
     celery_targets = {option(command(services[name]), "-A", "--app") for name in WORKERS}
     assert api_target == "api.main:app"
-    assert celery_targets == {"worker.celery_app:app"}
+    assert celery_targets == {"worker.tasks:app"}
 
     # A fresh interpreter with a controlled environment: embedded SQLite under a tmp home, a
     # Redis URL that is never contacted (importing connects to nothing).
@@ -285,15 +286,16 @@ def test_worker_queue_default_matches_settings(services, name):
     assert queue == environment(services["api"])["WARP_QUEUE"]
 
 
-def test_migrate_runs_alembic_with_repo_config(services, dockerfile):
-    assert command(services["migrate"]) == ["alembic", "upgrade", "head"]
+def test_migrate_runs_the_packaged_alembic_config(services, dockerfile):
+    assert command(services["migrate"]) == ["warp", "admin", "migrate"]
     assert services["migrate"].get("restart") == "no"
-    ini = ROOT / "alembic.ini"
-    assert ini.is_file()
+    # The configuration ships inside the package: it names its own directory.
+    ini = ROOT / "api" / "migrations" / "alembic.ini"
+    assert ini.resolve() == ALEMBIC_INI
     script_location = AlembicConfig(str(ini)).get_main_option("script_location")
-    assert Path(script_location).resolve() == (ROOT / "migrations").resolve()
-    assert (ROOT / "migrations" / "env.py").is_file()
-    assert list((ROOT / "migrations" / "versions").glob("*.py"))
+    assert Path(script_location).resolve() == ini.parent.resolve()
+    assert (ini.parent / "env.py").is_file()
+    assert list((ini.parent / "versions").glob("*.py"))
 
 
 # --------------------------------------------------------------------- startup order
@@ -380,9 +382,9 @@ def test_compose_builds_the_image_with_the_same_torch(services, dockerfile):
         assert services[name]["image"] == services["api"]["image"]
 
 
-def test_dockerfile_ships_migrations_and_runs_unprivileged(dockerfile):
-    assert re.search(r"^COPY\s+(--\S+\s+)*alembic\.ini\s", dockerfile, re.M)
-    assert re.search(r"^COPY\s+(--\S+\s+)*migrations/?\s", dockerfile, re.M)
+def test_dockerfile_installs_every_package_and_runs_unprivileged(dockerfile):
+    for package in ("warp_core", "service", "api", "worker", "client"):
+        assert re.search(rf"^COPY\s+(--\S+\s+)*{package}/?\s", dockerfile, re.M), package
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
     assert users
     assert users[-1] not in {"root", "0", "0:0"}
@@ -401,7 +403,7 @@ def test_dockerignore_keeps_local_state_out():
         if line.strip() and not line.startswith("#")
     }
     assert {".venv", ".git", "runs", ".warp", "examples/tiny-model"} <= ignored
-    for kept in ("pyproject.toml", "README.md", "alembic.ini", "migrations", "api", "worker"):
+    for kept in ("pyproject.toml", "README.md", "warp_core", "service", "api", "worker", "client"):
         assert kept not in ignored
 
 

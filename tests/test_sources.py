@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from api.sources import problem, source_problems
+from service.sources import problem, source_problems
 from warp_core.spec import JobSpec
 
 
@@ -39,8 +39,10 @@ def test_absolute_paths_must_really_lie_under_a_root(root):
 
 
 @pytest.mark.parametrize("source", ["./model", "../model", "a/b/c", "~/model", "owner/../x"])
-def test_relative_paths_are_refused(source, root):
-    assert "neither a Hub id" in problem(source, [root])
+def test_relative_paths_are_refused_naming_the_allowed_roots(source, root):
+    assert "neither a Hub id (owner/name) nor an absolute path" in problem(source, [root])
+    assert f"WARP_DATA_ROOTS: {root}" in problem(source, [root])
+    assert "WARP_DATA_ROOTS is empty" in problem(source, [])
 
 
 def test_a_local_file_name_is_not_taken_for_a_hub_id(root):

@@ -18,12 +18,9 @@ import redis
 from billiard.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
-from api.config import settings
-from api.sources import source_problems
-from warp_core.preflight import PreflightError, check_spec
-from warp_core.spec import DatasetRef, JobSpec, format_validation_error
-from worker.lease import Lease, LeaseLost
-from worker.protocol import (
+from service.config import settings
+from service.lease import Lease
+from service.protocol import (
     DONE_TTL_S,
     UPLOAD_PREFIX,
     EventPublisher,
@@ -32,7 +29,11 @@ from worker.protocol import (
     done_key,
     redis_client,
 )
-from worker.storage import ArtifactStore
+from service.sources import source_problems
+from service.status import JobStatus
+from service.storage import ArtifactStore
+from warp_core.preflight import PreflightError, check_spec
+from warp_core.spec import DatasetRef, JobSpec, format_validation_error
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class JobRunner:
         self._last_poll = 0.0
         self._last_progress = 0.0
 
-    def run(self) -> str:
+    def run(self) -> JobStatus | str:
         """Run the job to a terminal status and report it; returns that status.
 
         Raises LeaseHeld when another live worker is running the job (the task retries).
@@ -71,7 +72,7 @@ class JobRunner:
             self.events.publish("started", attempt=attempt, worker=socket.gethostname())
             return self.attempt()
 
-    def attempt(self) -> str:
+    def attempt(self) -> JobStatus | str:
         from warp_core.pipeline import Cancelled, run  # torch is imported in the child only
 
         try:
@@ -83,10 +84,10 @@ class JobRunner:
                 )
             return self.finish("succeeded", metrics=metrics)
         except Cancelled:
+            if self.lease.lost.is_set():
+                log.warning("job %s: another worker took it over; this attempt stops", self.job_id)
+                return "taken_over"
             return self.finish("cancelled")
-        except LeaseLost:
-            log.warning("job %s: another worker took it over; this attempt stops", self.job_id)
-            return "taken_over"
         except PreflightError as exc:
             return self.finish("failed", error={"code": "invalid_job", "message": str(exc)})
         except SoftTimeLimitExceeded:
@@ -105,19 +106,7 @@ class JobRunner:
             raise PreflightError(format_validation_error(exc)) from exc
         if problems := source_problems(spec, settings.data_roots):
             raise PreflightError("; ".join(f"{p['field']}: {p['reason']}" for p in problems))
-        spec = spec.model_copy(
-            update={
-                "safety_data": self.localise(spec.safety_data),
-                "utility_data": self.localise(spec.utility_data),
-                "eval": spec.eval.model_copy(
-                    update={
-                        name: self.localise(getattr(spec.eval, name))
-                        for name in ("harmful", "benign", "utility")
-                        if getattr(spec.eval, name) is not None
-                    }
-                ),
-            }
-        )
+        spec = spec.map_datasets(self.localise)
         check_spec(spec)
         return spec
 
@@ -145,15 +134,17 @@ class JobRunner:
         self.events.publish(event.kind, event.phase, **event.data)
 
     def should_stop(self) -> bool:
-        """True once the job is cancelled; raises LeaseLost once another worker runs it."""
-        self.lease.check()
+        """True once the job is cancelled, or once another worker has taken it over (then
+        `attempt` stops without reporting: the job is that worker's now)."""
+        if self.lease.lost.is_set():
+            return True
         now = time.monotonic()
         if now - self._last_poll < settings.cancel_poll_s:
             return False
         self._last_poll = now
         return bool(self.client.exists(cancel_key(self.job_id)))
 
-    def finish(self, status: str, **data: Any) -> str:
+    def finish(self, status: JobStatus, **data: Any) -> JobStatus:
         """The final event. Scratch space goes; a crash (no finish) keeps it for the resume."""
         self.events.publish("finished", status=status, **data)
         self.client.set(done_key(self.job_id), status, ex=DONE_TTL_S)

@@ -1,4 +1,8 @@
-"""Celery tasks. Kept thin: the work happens in `worker.runner`, imported in the child."""
+"""Celery tasks, registered on the shared app. Kept thin: the work happens in
+`worker.runner`, imported in the child.
+
+Run a worker per GPU: `celery -A worker.tasks:app worker -Q gpu --concurrency 1`.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,18 @@ from typing import Any
 
 from celery import Task
 
-from api.config import settings
-from worker.celery_app import app
+from service.celery_app import app
+from service.config import settings
+from service.protocol import TASK
+
+__all__ = ["app", "run_job"]
 
 
-@app.task(name="warp.run_job", bind=True, max_retries=None)
+@app.task(name=TASK, bind=True, max_retries=None)
 def run_job(self: Task, job_id: str, spec: dict[str, Any]) -> str:
     import os
 
-    from worker.lease import LeaseHeld
+    from service.lease import LeaseHeld
     from worker.runner import JobRunner
 
     # Run from an empty directory of the job's own (this child runs only this job): a

@@ -17,13 +17,14 @@ from sse_starlette.sse import EventSourceResponse
 from api.auth import Caller, CallerDep
 from api.db import session_scope
 from api.deps import RedisDep, StoreDep
-from api.dispatch import dispatch_job, revoke
+from api.dispatch import dispatch_soon, revoke
 from api.errors import ERROR_RESPONSES, ApiError, error_response
 from api.jobs import service
-from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut, JobStatus, Page
+from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut, Page
+from service.status import JobStatus
+from service.storage import CHUNK
 from warp_core.comparison import comparison_markdown, labels
 from warp_core.spec import JobSpec
-from worker.storage import CHUNK
 
 MAX_SEQ = 2**31 - 1
 """Event sequence numbers are a 32-bit column: a larger `after` is refused up front."""
@@ -46,7 +47,7 @@ def submit_job(
         job, created = service.create_job(session, spec, idempotency_key, caller)
         out = JobOut.of(job)
     if created:
-        background.add_task(dispatch_job, job.id)
+        background.add_task(dispatch_soon)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return out

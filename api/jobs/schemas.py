@@ -8,9 +8,9 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 from api.models import Artifact, Job, JobEvent
+from service.status import JobStatus
 
 T = TypeVar("T")
-JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 class Progress(BaseModel):

@@ -12,15 +12,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, too_many
-from api.config import settings
 from api.db import utcnow
 from api.errors import ApiError, invalid, not_found
-from api.models import ACTIVE, Artifact, Job, JobEvent, UploadedFile
-from api.sources import dataset_refs, source_problems
+from api.models import Artifact, Job, JobEvent, UploadedFile
+from service.config import settings
+from service.protocol import CANCEL_FLAG_TTL_S, UPLOAD_PREFIX, cancel_key
+from service.sources import source_problems
+from service.status import ACTIVE
 from warp_core.spec import JobSpec
-from worker.protocol import UPLOAD_PREFIX, cancel_key
-
-CANCEL_FLAG_TTL_S = 30 * 24 * 3600
 
 
 def request_hash(spec: JobSpec) -> str:
@@ -100,7 +99,7 @@ def _check_sources(spec: JobSpec) -> None:
 
 
 def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
-    for where, ref in dataset_refs(spec):
+    for where, ref in spec.dataset_refs():
         if ref.source.startswith(UPLOAD_PREFIX):
             file_id = ref.source.removeprefix(UPLOAD_PREFIX)
             upload = session.get(UploadedFile, file_id)

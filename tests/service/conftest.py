@@ -19,7 +19,9 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from api.embedded import REPO, api_command, free_port, wait_ready, worker_command
+from client.embedded import api_command, free_port, migrate_command, wait_ready, worker_command
+from tests.helpers import REPO
+from warp_core.testing import EXAMPLE_DATA
 
 PG_SERVER = os.environ.get("WARP_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("WARP_TEST_REDIS", "redis://127.0.0.1:6379/11")
@@ -35,7 +37,7 @@ os.environ.update(
         "WARP_HOME": str(HOME),
         "WARP_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "WARP_CANCEL_POLL_S": "0.2",
-        "WARP_DATA_ROOTS": json.dumps([tempfile.gettempdir(), str(REPO / "examples")]),
+        "WARP_DATA_ROOTS": json.dumps([tempfile.gettempdir(), str(EXAMPLE_DATA)]),
     }
 )
 
@@ -51,7 +53,7 @@ class Service:
 
 
 def _admin_engine():
-    return create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
+    return create_engine(f"{PG_SERVER}/postgres", isolation_level="AUTOCOMMIT")
 
 
 def create_database(name: str, env: dict[str, str]) -> None:
@@ -61,7 +63,7 @@ def create_database(name: str, env: dict[str, str]) -> None:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        migrate_command(),
         cwd=REPO,
         env=env,
         check=True,
@@ -140,7 +142,7 @@ def service(database, redis_client) -> Iterator[Service]:
 
 def create_key(env: dict[str, str], name: str, *options: str) -> str:
     """An API key from the admin command, as an operator would make one."""
-    command = [sys.executable, "-m", "api.cli", "admin", "create-key", "--name", name, *options]
+    command = [sys.executable, "-m", "client.cli", "admin", "create-key", "--name", name, *options]
     made = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return made.stdout.strip()
 

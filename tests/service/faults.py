@@ -17,7 +17,7 @@ import httpx
 import redis
 
 from api.dispatch import message_job_id
-from api.embedded import api_command, free_port, wait_ready, worker_command
+from client.embedded import api_command, free_port, wait_ready, worker_command
 from tests.service.conftest import PG_SERVER, spawn
 
 QUEUE = "faults"

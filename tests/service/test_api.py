@@ -124,6 +124,15 @@ def test_submission_is_idempotent(http, tiny_job):
     assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
 
 
+def test_timestamps_read_the_same_in_every_answer_with_their_zone(http, tiny_job):
+    created = http.post("/v1/jobs", json=bad_model(tiny_job, "-timestamps")).json()
+    read = http.get(f"/v1/jobs/{created['id']}").json()
+    listed = http.get("/v1/jobs", params={"limit": 200}).json()["data"]
+    (in_list,) = [job for job in listed if job["id"] == created["id"]]
+    assert created["created_at"] == read["created_at"] == in_list["created_at"]
+    assert created["created_at"].endswith("Z"), created["created_at"]
+
+
 def test_a_job_that_fails_preflight_ends_failed_with_the_reason(http, tiny_job):
     job = http.post("/v1/jobs", json=bad_model(tiny_job, "-preflight")).json()
     failed = wait_for(http, job["id"], {"failed", "succeeded"})

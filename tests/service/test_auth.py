@@ -13,8 +13,8 @@ from sqlalchemy import select
 
 from api.auth import announce_revocation
 from api.db import session_scope, utcnow
-from api.embedded import REPO
 from api.models import ApiKey
+from tests.helpers import REPO
 from tests.service.conftest import create_key, invalid_fields, wait_for
 from tests.service.test_api import bad_model
 
@@ -103,7 +103,7 @@ def test_a_revoked_key_is_refused_at_its_next_request(service):
         assert http.get("/v1/jobs").status_code == 200
         with session_scope() as session:
             key_id = session.scalar(select(ApiKey.id).where(ApiKey.name == "leaver"))
-        command = [sys.executable, "-m", "api.cli", "admin", "revoke-key", key_id]
+        command = [sys.executable, "-m", "client.cli", "admin", "revoke-key", key_id]
         subprocess.run(command, cwd=REPO, env=service.env, check=True, capture_output=True)
         assert http.get("/v1/jobs").status_code == 401
 

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from api.embedded import REPO
+from tests.helpers import REPO
 
 
 def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
     env = {**service.env, "WARP_API_URL": url or service.url, "WARP_API_KEY": service.key}
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "client.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,

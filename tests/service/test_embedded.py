@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from api.embedded import REPO, free_port, wait_ready
+from client.embedded import free_port, wait_ready
+from tests.helpers import REPO
 
 
 def test_warp_demo_compares_warp_and_plain_fine_tuning_through_the_service(tmp_path, toy_cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARP_")}
     env["WARP_TOY_CACHE"] = str(toy_cache)
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "demo", "--home", str(tmp_path)],
+        [sys.executable, "-m", "client.cli", "demo", "--home", str(tmp_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -61,7 +62,7 @@ def test_warp_serve_stops_every_process_it_started_on_sigterm(tmp_path, when):
     """Whether the signal comes while the service is still starting or once it is up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARP_")}
     port = free_port()
-    command = [sys.executable, "-m", "api.cli", "serve", "--home", str(tmp_path)]
+    command = [sys.executable, "-m", "client.cli", "serve", "--home", str(tmp_path)]
     serve = subprocess.Popen(
         [*command, "--port", str(port)], cwd=REPO, env=env, stderr=subprocess.DEVNULL
     )

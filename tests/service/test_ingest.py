@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from api.db import session_scope, utcnow
 from api.ingest import Ingester, apply_events
 from api.models import Artifact, Job, JobEvent
-from worker.protocol import EventPublisher, JobEventMessage
+from service.protocol import EventPublisher, JobEventMessage
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_a_cancelling_job_stays_cancelling_until_it_finishes(job_id):
 
 def test_a_dead_consumers_pending_events_are_reclaimed(job_id, redis_client, monkeypatch):
     """A consumer that read events and died before acking: another one takes them over."""
-    from api.config import settings
+    from service.config import settings
 
     stream = f"warp:test-events:{uuid.uuid4().hex}"
     monkeypatch.setattr(settings, "event_stream", stream)

@@ -9,13 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from api.config import settings
 from api.db import session_scope, utcnow
 from api.dispatch import message_job_id, send
 from api.models import Job
 from api.reaper import Reaper
-from worker.lease import lease_key
-from worker.protocol import JobEventMessage, attempt_key, done_key
+from service.config import settings
+from service.protocol import JobEventMessage, attempt_key, done_key, lease_key
 
 QUEUE = "reaper-test"
 

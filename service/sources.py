@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from warp_core.spec import DatasetRef, JobSpec
-from worker.protocol import UPLOAD_PREFIX
+from service.protocol import UPLOAD_PREFIX
+from warp_core.spec import JobSpec
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -27,24 +27,24 @@ def problem(source: str, roots: Sequence[Path], local_file: bool = False) -> str
         return "URLs are not accepted: use a Hub id, an upload (file:<id>) or a server path"
     if os.path.isabs(source):
         if not roots:
-            return "this server accepts no local paths (WARP_DATA_ROOTS is empty)"
+            return f"this server accepts no local paths ({_allowed(roots)})"
         real = Path(os.path.realpath(source))
         if any(real.is_relative_to(os.path.realpath(root)) for root in roots):
             return None
-        allowed = ", ".join(str(root) for root in roots)
-        return f"{source} is outside the allowed roots ({allowed})"
+        return f"{source} is outside the allowed roots ({_allowed(roots)})"
     if local_file or not HUB_ID.fullmatch(source) or ".." in source:
-        return "neither a Hub id (owner/name) nor an absolute path under the allowed roots"
+        return (
+            "neither a Hub id (owner/name) nor an absolute path under the allowed roots "
+            f"({_allowed(roots)})"
+        )
     return None
 
 
-def dataset_refs(spec: JobSpec) -> Iterator[tuple[str, DatasetRef]]:
-    """Every dataset reference of the spec, with its field path."""
-    yield "safety_data", spec.safety_data
-    yield "utility_data", spec.utility_data
-    for name in ("harmful", "benign", "utility"):
-        if (ref := getattr(spec.eval, name)) is not None:
-            yield f"eval.{name}", ref
+def _allowed(roots: Sequence[Path]) -> str:
+    """The configured roots, for messages that tell a user where local files may be."""
+    if not roots:
+        return "WARP_DATA_ROOTS is empty"
+    return "WARP_DATA_ROOTS: " + ", ".join(str(root) for root in roots)
 
 
 def source_problems(spec: JobSpec, roots: Sequence[Path]) -> list[dict[str, str]]:
@@ -52,7 +52,7 @@ def source_problems(spec: JobSpec, roots: Sequence[Path]) -> list[dict[str, str]
     found = []
     if reason := problem(spec.base_model, roots):
         found.append({"field": "base_model", "reason": reason})
-    for where, ref in dataset_refs(spec):
+    for where, ref in spec.dataset_refs():
         if ref.source.startswith(UPLOAD_PREFIX):
             continue
         if reason := problem(ref.source, roots, local_file=ref.is_local):

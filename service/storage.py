@@ -66,9 +66,6 @@ class ArtifactStore:
     def open(self, path: str) -> IO[bytes]:
         return self.fs.open(path, "rb")
 
-    def size(self, path: str) -> int:
-        return int(self.fs.size(path))
-
     def download(self, path: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         self.fs.get(path, str(target))

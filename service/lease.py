@@ -14,6 +14,8 @@ import uuid
 
 import redis
 
+from service.protocol import lease_key
+
 # Renew our lease; take it back if it lapsed (a heartbeat late on a starved machine) and
 # nobody else took it; 0 if another worker holds it now.
 _RENEW = """
@@ -35,16 +37,8 @@ return 0
 """
 
 
-def lease_key(job_id: str) -> str:
-    return f"warp:job:{job_id}:lease"
-
-
 class LeaseHeld(RuntimeError):
     """Another live worker holds the job's lease."""
-
-
-class LeaseLost(RuntimeError):
-    """This worker's lease lapsed and another worker took the job over: stop, quietly."""
 
 
 class Lease:
@@ -55,6 +49,7 @@ class Lease:
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self.lost = threading.Event()
+        """Set once the lease lapsed and another worker took the job over: stop, quietly."""
         self._heartbeat: threading.Thread | None = None
 
     def __enter__(self) -> Lease:
@@ -71,11 +66,6 @@ class Lease:
                 if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
                     self.lost.set()
                     return
-
-    def check(self) -> None:
-        """Raise LeaseLost if another worker has taken the job over."""
-        if self.lost.is_set():
-            raise LeaseLost(f"{self.key} was taken over by another worker")
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()

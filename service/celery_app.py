@@ -1,15 +1,16 @@
-"""The Celery app (`worker.celery_app:app`): one long GPU job at a time, never lost.
+"""The Celery app: one long GPU job at a time, never lost.
 
-Run a worker per GPU: `celery -A worker.celery_app:app worker -Q gpu --concurrency 1`.
+The API sends jobs through it (`protocol.TASK`, by name); `worker.tasks` registers the task
+on it. Run a worker per GPU: `celery -A worker.tasks:app worker -Q gpu --concurrency 1`.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from api.config import settings
+from service.config import settings
 
-app = Celery("warp", broker=settings.resolved_redis_url, include=["worker.tasks"])
+app = Celery("warp", broker=settings.resolved_redis_url)
 app.conf.update(
     # Ack only when a job has finished, and requeue it if the process running it dies:
     # a crashed or killed worker loses no job (the job resumes from its checkpoint).

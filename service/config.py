@@ -1,7 +1,7 @@
 """Settings shared by the API and the workers: one `Settings`, read from `WARP_*` variables.
 
 With no `WARP_DATABASE_URL` the service keeps its state in a SQLite file under `WARP_HOME`
-(embedded mode, see `api.embedded`); production points it at PostgreSQL. Workers need
+(embedded mode, see `client.embedded`); production points it at PostgreSQL. Workers need
 only Redis and the artifact store, never the database.
 """
 

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -74,13 +72,7 @@ class EmbeddedService:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         env = self.environment()
-        subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=REPO,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        subprocess.run(migrate_command(), cwd=self.home, env=env, check=True, capture_output=True)
         self._spawn("api", api_command(self.port), env)
         self._spawn("worker", worker_command(env.get("WARP_QUEUE", "gpu")), env)
         wait_ready(self.url, self.processes, self.log_dir, timeout_s)
@@ -91,7 +83,9 @@ class EmbeddedService:
         self.processes.append(
             subprocess.Popen(
                 command,
-                cwd=REPO,
+                # Its own directory: uvicorn puts the cwd first on sys.path, and a user's
+                # folder may hold a module named like ours.
+                cwd=self.home,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -127,6 +121,11 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         os.killpg(process.pid, signum)
 
 
+def migrate_command() -> list[str]:
+    """Bring the database to the newest schema (the packaged Alembic revisions)."""
+    return [sys.executable, "-m", "api.migrate"]
+
+
 def api_command(port: int) -> list[str]:
     """The API process: uvicorn on loopback (put a proxy in front to expose it)."""
     return [
@@ -148,7 +147,7 @@ def worker_command(queue: str) -> list[str]:
         "-m",
         "celery",
         "-A",
-        "worker.celery_app:app",
+        "worker.tasks:app",
         "worker",
         "--concurrency",
         "1",

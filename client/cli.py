@@ -1,5 +1,5 @@
-"""`warp`: run jobs locally (`warp run`), or the service on one machine (`warp serve`,
-`warp demo`)."""
+"""The `warp` command: WaRP jobs on this machine (`run`, `demo`, `serve`) or on a server
+(`submit`, `status`, ...), and a server's administration (`admin`)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import Progress
 
-from api.client import ServiceError, WarpClient
-from api.embedded import EmbeddedService, free_port
+from client.admin import admin
+from client.embedded import EmbeddedService, free_port
+from client.http import ServiceError, WarpClient
+from client.output import JsonOption, console, emit
 from warp_core.cli import (
     PROGRESS_COLUMNS,
     ProgressView,
@@ -29,10 +31,15 @@ from warp_core.cli import (
 from warp_core.comparison import comparison_specs, labels, variant
 from warp_core.events import Event
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="WaRP: fine-tune safety-aligned LLMs without losing their refusals.\n\n"
+    "Commands that talk to a server read WARP_API_URL and WARP_API_KEY.",
+)
 app.command("run")(run_command)
 app.command("make-toy-model")(make_toy_model_command)
-console = Console(stderr=True)
+app.add_typer(admin, name="admin")
 
 HomeOption = Annotated[Path, typer.Option(help="Embedded state: database, artifacts, logs.")]
 
@@ -68,8 +75,11 @@ def demo(
         bool, typer.Option(help="Also run WaRP with no mask and with a random mask.")
     ] = False,
 ) -> None:
-    """Build a tiny safety-aligned model, fine-tune it with WaRP and plainly through the
-    embedded service, and show what each kept of its refusals and gained in utility."""
+    """See WaRP keep refusals that plain fine-tuning erases, on a tiny model (minutes).
+
+    Builds a tiny safety-aligned model, fine-tunes it with WaRP and plainly through the
+    embedded service, and shows what each kept of its refusals and gained in utility.
+    """
     exit_on_sigterm()
     home = home.resolve()
     toy_dir = home / "demo" / "toy"
@@ -115,8 +125,6 @@ def follow(client: WarpClient, job_id: str) -> dict:
 
 # -- the service's client: WARP_API_URL, WARP_API_KEY ---------------------------------------
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-
 
 def client() -> WarpClient:
     url = os.environ.get("WARP_API_URL", "http://127.0.0.1:8000")
@@ -130,13 +138,6 @@ def call(action, *args, **kwargs):
     except ServiceError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from None
-
-
-def emit(payload: object, as_json: bool, human) -> None:
-    if as_json:
-        print(json.dumps(payload, indent=2, default=str))
-    else:
-        human(payload)
 
 
 def describe(job: dict) -> None:
@@ -298,76 +299,6 @@ def show_comparison(result: dict, plot: Path | None) -> None:
         out.print(f"[dim]refusal rule: {result['refusal_rule'][:160]}...[/dim]")
     if plot:
         out.print(f"plot: {plot}")
-
-
-# -- keys: `warp admin ...` reads the database from the same settings as the API ------------
-
-admin = typer.Typer(no_args_is_help=True, help="API keys (reads WARP_DATABASE_URL like the API).")
-app.add_typer(admin, name="admin")
-
-
-@admin.command("create-key")
-def create_key_command(
-    name: Annotated[str, typer.Option(help="Who or what the key is for.")],
-    is_admin: Annotated[bool, typer.Option("--admin", help="Sees and cancels every job.")] = False,
-    rate_limit: Annotated[
-        int | None, typer.Option(min=1, help="Requests per minute (default: the setting).")
-    ] = None,
-    max_active_jobs: Annotated[
-        int | None, typer.Option(min=1, help="Queued or running jobs (default: the setting).")
-    ] = None,
-) -> None:
-    """Create an API key and print it, once: only its hash is stored."""
-    from api.auth import create_key
-    from api.db import session_scope
-
-    with session_scope() as session:
-        row, secret = create_key(session, name, is_admin, rate_limit, max_active_jobs)
-        key_id = row.id
-    role = "admin" if is_admin else "user"
-    console.print(f"created {role} key {key_id} ({name}); the key is shown once:")
-    print(secret)
-
-
-@admin.command("list-keys")
-def list_keys_command(as_json: JsonOption = False) -> None:
-    """Every key: id, name, admin, limits, created, revoked (never the key itself)."""
-    from sqlalchemy import select
-
-    from api.db import session_scope
-    from api.models import ApiKey
-
-    columns = ("id", "name", "admin", "rate_limit_per_minute", "max_active_jobs")
-    with session_scope() as session:
-        rows = [
-            {**{c: getattr(k, c) for c in columns}, "revoked": k.revoked_at is not None}
-            for k in session.scalars(select(ApiKey).order_by(ApiKey.created_at))
-        ]
-    emit(rows, as_json, lambda keys: [Console().print(key, highlight=False) for key in keys])
-
-
-@admin.command("revoke-key")
-def revoke_key_command(key_id: str) -> None:
-    """Revoke a key: its next request is a 401. Its jobs keep running."""
-    import redis
-
-    from api.auth import announce_revocation, revoke_key
-    from api.config import settings
-    from api.db import session_scope
-    from worker.protocol import redis_client
-
-    with session_scope() as session:
-        if revoke_key(session, key_id) is None:
-            console.print(f"[red]error:[/red] no key {key_id}")
-            raise typer.Exit(1)
-    try:
-        announce_revocation(redis_client(settings.resolved_redis_url), key_id)
-    except redis.RedisError as exc:
-        console.print(
-            f"[yellow]warning:[/yellow] Redis unreachable ({exc}): API processes that looked "
-            f"the key up in the last {settings.auth_cache_s:g} s accept it until then"
-        )
-    console.print(f"revoked {key_id}")
 
 
 if __name__ == "__main__":

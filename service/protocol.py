@@ -1,4 +1,5 @@
-"""The wire between workers and the API: Redis keys and the job event stream format.
+"""The wire between workers and the API: the task name, every Redis key, and the job event
+stream format.
 
 A worker appends events to one Redis Stream; the API's ingester (api.ingest) writes them to
 the database. Each event carries a per-job sequence number taken from a Redis counter in the
@@ -16,6 +17,9 @@ from typing import Any
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+TASK = "warp.run_job"
+"""The Celery task that runs a job: `(job_id, spec)`, with the job id as the task id."""
 
 UPLOAD_PREFIX = "file:"
 """A dataset source `file:<id>` names a file uploaded through the API."""
@@ -42,16 +46,31 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
+# -- every Redis key (Celery's own queue lists are kombu's, see api.dispatch) ---------------
+
+
 def seq_key(job_id: str) -> str:
+    """The job's event counter: the next event's `seq`."""
     return f"warp:job:{job_id}:seq"
 
 
 def cancel_key(job_id: str) -> str:
+    """Set when the job is cancelled; a running job polls it."""
     return f"warp:job:{job_id}:cancel"
 
 
+CANCEL_FLAG_TTL_S = 30 * 24 * 3600
+"""How long a cancel flag stays: longer than any job runs."""
+
+
 def attempt_key(job_id: str) -> str:
+    """How many times a worker has started the job."""
     return f"warp:job:{job_id}:attempt"
+
+
+def lease_key(job_id: str) -> str:
+    """The token of the worker running the job, kept alive by its heartbeat (service.lease)."""
+    return f"warp:job:{job_id}:lease"
 
 
 def done_key(job_id: str) -> str:
@@ -62,6 +81,21 @@ def done_key(job_id: str) -> str:
 
 DONE_TTL_S = 30 * 24 * 3600
 """How long the done marker outlives the job: longer than any redelivery can be late."""
+
+
+def reaping_key(job_id: str) -> str:
+    """Taken by the one API replica that recovers a job found without a worker."""
+    return f"warp:job:{job_id}:reaping"
+
+
+def revoked_key(key_id: str) -> str:
+    """Set when an API key is revoked, so every API process refuses it at once."""
+    return f"warp:key:{key_id}:revoked"
+
+
+def rate_key(key_id: str, window: int) -> str:
+    """An API key's request counter for one minute (`window` = minutes since the epoch)."""
+    return f"warp:rate:{key_id}:{window}"
 
 
 @dataclass(frozen=True)
