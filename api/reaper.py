@@ -33,14 +33,7 @@ from api.db import session_scope
 from api.dispatch import send, waiting_job_ids
 from api.models import Job
 from service.config import settings
-from service.protocol import (
-    DONE_TTL_S,
-    EventPublisher,
-    attempt_key,
-    done_key,
-    lease_key,
-    reaping_key,
-)
+from service.protocol import DONE_TTL_S, EventPublisher, job_key
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +61,9 @@ class Reaper:
         waiting = waiting_job_ids(self.client) if jobs else set()
         lost = []
         for job_id, status, spec in jobs:
-            if job_id in waiting or self.client.exists(lease_key(job_id), done_key(job_id)):
+            if job_id in waiting or self.client.exists(
+                job_key(job_id, "lease"), job_key(job_id, "done")
+            ):
                 self.missing_since.pop(job_id, None)
                 continue
             since = self.missing_since.setdefault(job_id, now)
@@ -82,9 +77,11 @@ class Reaper:
 
         The marker outlives the other replicas' stale looks: by the time it expires, a job
         sent again waits in the queue (or is leased by the worker that took it)."""
-        if not self.client.set(reaping_key(job_id), 1, nx=True, ex=math.ceil(settings.lease_s)):
+        if not self.client.set(
+            job_key(job_id, "reaping"), 1, nx=True, ex=math.ceil(settings.lease_s)
+        ):
             return False
-        attempt = int(self.client.get(attempt_key(job_id)) or 0)
+        attempt = int(self.client.get(job_key(job_id, "attempt")) or 0)
         events = EventPublisher(self.client, settings.event_stream, job_id)
         silence = f"no heartbeat from its worker for over {settings.lease_s:g} s"
         if status == "cancelling":
@@ -105,7 +102,7 @@ class Reaper:
         return True
 
     def _finish(self, events: EventPublisher, status: str, **data: object) -> None:
-        self.client.set(done_key(events.job_id), status, ex=DONE_TTL_S)
+        self.client.set(job_key(events.job_id, "done"), status, ex=DONE_TTL_S)
         events.publish("finished", status=status, **data)
 
     def run(self, stop: threading.Event) -> None:

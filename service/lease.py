@@ -14,7 +14,7 @@ import uuid
 
 import redis
 
-from service.protocol import lease_key
+from service.protocol import job_key
 
 # Renew our lease; take it back if it lapsed (a heartbeat late on a starved machine) and
 # nobody else took it; 0 if another worker holds it now.
@@ -44,7 +44,7 @@ class LeaseHeld(RuntimeError):
 class Lease:
     def __init__(self, client: redis.Redis, job_id: str, ttl_s: float) -> None:
         self.client = client
-        self.key = lease_key(job_id)
+        self.key = job_key(job_id, "lease")
         self.ttl_ms = int(ttl_s * 1000)
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()

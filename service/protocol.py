@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -49,43 +49,28 @@ def redis_client(url: str) -> redis.Redis:
 # -- every Redis key (Celery's own queue lists are kombu's, see api.dispatch) ---------------
 
 
-def seq_key(job_id: str) -> str:
-    """The job's event counter: the next event's `seq`."""
-    return f"warp:job:{job_id}:seq"
+JobKey = Literal["seq", "cancel", "attempt", "lease", "done", "reaping"]
 
 
-def cancel_key(job_id: str) -> str:
-    """Set when the job is cancelled; a running job polls it."""
-    return f"warp:job:{job_id}:cancel"
+def job_key(job_id: str, name: JobKey) -> str:
+    """A job's Redis key `warp:job:{job_id}:{name}`:
+
+    - `seq`: the event counter, the next event's number;
+    - `cancel`: set when the job is cancelled (a running job polls it);
+    - `attempt`: how many times a worker has started the job;
+    - `lease`: the token of the worker running it, kept alive by its heartbeat (service.lease);
+    - `done`: the final status, once finished: a late duplicate delivery, or the reaper, sees
+      it and leaves the job alone;
+    - `reaping`: taken by the one API replica that recovers a job found without a worker.
+    """
+    return f"warp:job:{job_id}:{name}"
 
 
 CANCEL_FLAG_TTL_S = 30 * 24 * 3600
 """How long a cancel flag stays: longer than any job runs."""
 
-
-def attempt_key(job_id: str) -> str:
-    """How many times a worker has started the job."""
-    return f"warp:job:{job_id}:attempt"
-
-
-def lease_key(job_id: str) -> str:
-    """The token of the worker running the job, kept alive by its heartbeat (service.lease)."""
-    return f"warp:job:{job_id}:lease"
-
-
-def done_key(job_id: str) -> str:
-    """Set (to the final status) once a job has finished: a late duplicate delivery of the
-    job, or the lost-worker reaper, sees it and leaves the job alone."""
-    return f"warp:job:{job_id}:done"
-
-
 DONE_TTL_S = 30 * 24 * 3600
 """How long the done marker outlives the job: longer than any redelivery can be late."""
-
-
-def reaping_key(job_id: str) -> str:
-    """Taken by the one API replica that recovers a job found without a worker."""
-    return f"warp:job:{job_id}:reaping"
 
 
 def revoked_key(key_id: str) -> str:
@@ -137,7 +122,7 @@ class EventPublisher:
     def publish(self, kind: str, phase: str | None = None, **data: Any) -> int:
         return int(
             self._append(
-                keys=[seq_key(self.job_id), self.stream],
+                keys=[job_key(self.job_id, "seq"), self.stream],
                 args=[self.job_id, kind, phase or "", json.dumps(data), repr(time.time())],
             )
         )

@@ -20,15 +20,7 @@ from pydantic import ValidationError
 
 from service.config import settings
 from service.lease import Lease
-from service.protocol import (
-    DONE_TTL_S,
-    UPLOAD_PREFIX,
-    EventPublisher,
-    attempt_key,
-    cancel_key,
-    done_key,
-    redis_client,
-)
+from service.protocol import DONE_TTL_S, UPLOAD_PREFIX, EventPublisher, job_key, redis_client
 from service.sources import source_problems
 from service.status import JobStatus
 from service.storage import ArtifactStore
@@ -55,12 +47,12 @@ class JobRunner:
         Raises LeaseHeld when another live worker is running the job (the task retries).
         A delivery of a job that has already finished does nothing.
         """
-        if finished := self.client.get(done_key(self.job_id)):
+        if finished := self.client.get(job_key(self.job_id, "done")):
             return finished.decode()
-        if self.client.exists(cancel_key(self.job_id)):
+        if self.client.exists(job_key(self.job_id, "cancel")):
             return self.finish("cancelled")
         with Lease(self.client, self.job_id, settings.lease_s) as self.lease:
-            attempt = self.client.incr(attempt_key(self.job_id))
+            attempt = self.client.incr(job_key(self.job_id, "attempt"))
             if attempt > settings.max_attempts:
                 message = (
                     f"the job was started {attempt - 1} times without finishing (its worker "
@@ -142,11 +134,11 @@ class JobRunner:
         if now - self._last_poll < settings.cancel_poll_s:
             return False
         self._last_poll = now
-        return bool(self.client.exists(cancel_key(self.job_id)))
+        return bool(self.client.exists(job_key(self.job_id, "cancel")))
 
     def finish(self, status: JobStatus, **data: Any) -> JobStatus:
         """The final event. Scratch space goes; a crash (no finish) keeps it for the resume."""
         self.events.publish("finished", status=status, **data)
-        self.client.set(done_key(self.job_id), status, ex=DONE_TTL_S)
+        self.client.set(job_key(self.job_id, "done"), status, ex=DONE_TTL_S)
         shutil.rmtree(self.out, ignore_errors=True)
         return status

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.models import Artifact, Job, JobEvent
 from service.status import JobStatus
@@ -61,6 +61,10 @@ class JobOut(BaseModel):
 
 
 class EventOut(BaseModel):
+    """A `JobEvent` row as it is answered (`EventOut.of(row)`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     seq: int
     kind: str
     phase: str | None
@@ -69,23 +73,21 @@ class EventOut(BaseModel):
 
     @classmethod
     def of(cls, event: JobEvent) -> EventOut:
-        return cls(
-            seq=event.seq,
-            kind=event.kind,
-            phase=event.phase,
-            data=event.data,
-            created_at=event.created_at,
-        )
+        return cls.model_validate(event)
 
 
 class ArtifactOut(BaseModel):
+    """An `Artifact` row as it is answered (`ArtifactOut.of(row)`)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
     name: str = Field(description="Path inside the job's output directory")
     size: int
     sha256: str
 
     @classmethod
     def of(cls, artifact: Artifact) -> ArtifactOut:
-        return cls(name=artifact.name, size=artifact.size, sha256=artifact.sha256)
+        return cls.model_validate(artifact)
 
 
 class Page(BaseModel, Generic[T]):

@@ -16,7 +16,7 @@ from api.db import utcnow
 from api.errors import ApiError, invalid, not_found
 from api.models import Artifact, Job, JobEvent, UploadedFile
 from service.config import settings
-from service.protocol import CANCEL_FLAG_TTL_S, UPLOAD_PREFIX, cancel_key
+from service.protocol import CANCEL_FLAG_TTL_S, UPLOAD_PREFIX, job_key
 from service.sources import source_problems
 from service.status import ACTIVE
 from warp_core.spec import JobSpec
@@ -144,7 +144,7 @@ def cancel_job(session: Session, client: redis.Redis, job_id: str, revoke, calle
         return job
     if job.finished:
         raise ApiError(409, "job_finished", f"job {job_id} already {job.status}")
-    client.set(cancel_key(job_id), "1", ex=CANCEL_FLAG_TTL_S)
+    client.set(job_key(job_id, "cancel"), "1", ex=CANCEL_FLAG_TTL_S)
     if job.status == "queued":
         revoke(job_id)
         job.status, job.finished_at = "cancelled", utcnow()

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from service.protocol import attempt_key, seq_key
+from service.protocol import job_key
 from service.status import TERMINAL
 from tests.service.conftest import DATABASE, create_database, drop_database
 from tests.service.faults import LEASE_S, MAX_ATTEMPTS, QUEUE, FaultStack, wait
@@ -68,7 +68,7 @@ def model_sha256(stack: FaultStack, job_id: str) -> str:
 def assert_gap_free(stack: FaultStack, job_id: str) -> list[dict]:
     events = stack.events(job_id)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert int(stack.client.get(seq_key(job_id))) == len(events)
+    assert int(stack.client.get(job_key(job_id, "seq"))) == len(events)
     return events
 
 
@@ -134,7 +134,7 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(stack, lon
     job_id = submit(stack, long_job)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         wait(
-            lambda a=attempt: int(stack.client.get(attempt_key(job_id)) or 0) == a,
+            lambda a=attempt: int(stack.client.get(job_key(job_id, "attempt")) or 0) == a,
             f"attempt {attempt} to start",
         )
         wait(lambda: stack.checkpoint(job_id).exists(), "a training checkpoint")

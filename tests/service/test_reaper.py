@@ -14,7 +14,7 @@ from api.dispatch import message_job_id, send
 from api.models import Job
 from api.reaper import Reaper
 from service.config import settings
-from service.protocol import JobEventMessage, attempt_key, done_key, lease_key
+from service.protocol import JobEventMessage, job_key
 
 QUEUE = "reaper-test"
 
@@ -71,7 +71,7 @@ def lost(reaper: Reaper, now: float, job_id: str) -> bool:
 
 
 def test_a_job_without_a_lease_for_lease_s_is_sent_again_once(redis_client, wire, running_job):
-    redis_client.set(attempt_key(running_job), 1)
+    redis_client.set(job_key(running_job, "attempt"), 1)
     reaper = Reaper(redis_client)
     assert not lost(reaper, 100.0, running_job), "a missing lease is only noticed"
     assert not lost(reaper, 100.0 + settings.lease_s / 2, running_job)
@@ -88,25 +88,25 @@ def test_a_job_without_a_lease_for_lease_s_is_sent_again_once(redis_client, wire
 
 def test_a_live_lease_or_a_finished_job_is_left_alone(redis_client, wire, running_job):
     reaper = Reaper(redis_client)
-    redis_client.set(lease_key(running_job), "a-live-worker", ex=60)
+    redis_client.set(job_key(running_job, "lease"), "a-live-worker", ex=60)
     try:
         assert not lost(reaper, 0.0, running_job) and not lost(reaper, 1e6, running_job)
     finally:
-        redis_client.delete(lease_key(running_job))
-    redis_client.set(done_key(running_job), "succeeded", ex=60)
+        redis_client.delete(job_key(running_job, "lease"))
+    redis_client.set(job_key(running_job, "done"), "succeeded", ex=60)
     assert not lost(reaper, 2e6, running_job) and not lost(reaper, 3e6, running_job)
     assert events(redis_client, wire, running_job) == [] and queued(redis_client, running_job) == 0
 
 
 def test_the_last_attempt_lost_fails_the_job(redis_client, wire, running_job):
-    redis_client.set(attempt_key(running_job), settings.max_attempts)
+    redis_client.set(job_key(running_job, "attempt"), settings.max_attempts)
     reaper = Reaper(redis_client)
     reaper.scan(now=0.0)
     assert lost(reaper, settings.lease_s, running_job)
     (finished,) = events(redis_client, wire, running_job)
     assert finished.kind == "finished" and finished.data["status"] == "failed"
     assert finished.data["error"]["code"] == "worker_lost"
-    assert redis_client.get(done_key(running_job)) == b"failed"
+    assert redis_client.get(job_key(running_job, "done")) == b"failed"
     assert queued(redis_client, running_job) == 0
 
 

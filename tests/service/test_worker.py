@@ -9,7 +9,7 @@ import pytest
 
 from service.config import settings
 from service.lease import Lease, LeaseHeld
-from service.protocol import JobEventMessage, attempt_key, cancel_key, lease_key
+from service.protocol import JobEventMessage, job_key
 from worker.runner import JobRunner
 
 
@@ -29,8 +29,8 @@ def test_a_lease_admits_one_holder_and_lapses_when_it_dies(redis_client):
     job_id = uuid.uuid4().hex
     with Lease(redis_client, job_id, ttl_s=5), pytest.raises(LeaseHeld):
         Lease(redis_client, job_id, ttl_s=5).__enter__()
-    assert not redis_client.exists(lease_key(job_id)), "released on exit"
-    redis_client.set(lease_key(job_id), "a-dead-worker", px=300)  # held, never renewed
+    assert not redis_client.exists(job_key(job_id, "lease")), "released on exit"
+    redis_client.set(job_key(job_id, "lease"), "a-dead-worker", px=300)  # held, never renewed
     with pytest.raises(LeaseHeld):
         Lease(redis_client, job_id, ttl_s=5).__enter__()
     time.sleep(0.4)
@@ -42,21 +42,21 @@ def test_the_heartbeat_keeps_a_live_lease(redis_client):
     job_id = uuid.uuid4().hex
     with Lease(redis_client, job_id, ttl_s=0.6):
         time.sleep(1.5)
-        assert redis_client.exists(lease_key(job_id))
+        assert redis_client.exists(job_key(job_id, "lease"))
 
 
 def test_a_lapsed_lease_is_taken_back_unless_another_worker_has_it(redis_client):
     job_id = uuid.uuid4().hex
     with Lease(redis_client, job_id, ttl_s=0.6) as lease:
-        redis_client.delete(lease_key(job_id))  # a heartbeat came too late
+        redis_client.delete(job_key(job_id, "lease"))  # a heartbeat came too late
         time.sleep(0.5)
-        assert redis_client.get(lease_key(job_id)) == lease.token.encode()
+        assert redis_client.get(job_key(job_id, "lease")) == lease.token.encode()
         assert not lease.lost.is_set()
-        redis_client.set(lease_key(job_id), "another-worker")  # lapsed and taken over
+        redis_client.set(job_key(job_id, "lease"), "another-worker")  # lapsed and taken over
         time.sleep(0.5)
         assert lease.lost.is_set()
-    assert redis_client.get(lease_key(job_id)) == b"another-worker", "not released by us"
-    redis_client.delete(lease_key(job_id))
+    assert redis_client.get(job_key(job_id, "lease")) == b"another-worker", "not released by us"
+    redis_client.delete(job_key(job_id, "lease"))
 
 
 def test_a_duplicate_delivery_does_not_run_beside_the_first(redis_client, stream):
@@ -64,12 +64,12 @@ def test_a_duplicate_delivery_does_not_run_beside_the_first(redis_client, stream
     with Lease(redis_client, job_id, ttl_s=5), pytest.raises(LeaseHeld):
         JobRunner(job_id, {}, redis_client).run()
     assert published(redis_client, stream) == []
-    assert not redis_client.exists(attempt_key(job_id))
+    assert not redis_client.exists(job_key(job_id, "attempt"))
 
 
 def test_a_job_that_keeps_dying_fails_after_max_attempts(redis_client, stream):
     job_id = uuid.uuid4().hex
-    redis_client.set(attempt_key(job_id), settings.max_attempts)  # every earlier run died
+    redis_client.set(job_key(job_id, "attempt"), settings.max_attempts)  # every earlier run died
     assert JobRunner(job_id, {}, redis_client).run() == "failed"
     (finished,) = published(redis_client, stream)
     assert finished.kind == "finished" and finished.data["status"] == "failed"
@@ -81,7 +81,7 @@ def test_a_delivery_of_a_finished_job_does_nothing(redis_client, stream):
     assert JobRunner(job_id, {}, redis_client).run() == "failed"  # preflight: empty spec
     assert JobRunner(job_id, {}, redis_client).run() == "failed", "the recorded status"
     assert [e.kind for e in published(redis_client, stream)] == ["started", "finished"]
-    assert redis_client.get(attempt_key(job_id)) == b"1", "the late delivery never started"
+    assert redis_client.get(job_key(job_id, "attempt")) == b"1", "the late delivery never started"
 
 
 STAGES = ["evaluate_before", "basis", "importance", "finetune", "evaluate_after"]
@@ -106,7 +106,7 @@ def test_a_cancel_in_any_stage_ends_the_job_cancelled_and_leaves_nothing(
     def cancel_at_stage(event):
         forward(event)
         if event.kind == "phase_started" and stage_of(event.phase, event.data) == stage:
-            redis_client.set(cancel_key(job_id), 1, ex=60)
+            redis_client.set(job_key(job_id, "cancel"), 1, ex=60)
 
     runner.forward = cancel_at_stage
     assert runner.run() == "cancelled"
