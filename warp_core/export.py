@@ -1,23 +1,27 @@
 """The artifact format of a job's output directory, written and read back.
 
-    spec.json                 the spec as run
-    metrics.json              before/after metrics, refusal rule, timings, spectrum
-    model/                    an ordinary Hugging Face checkpoint (safetensors + tokenizer)
-    warp/targets.json         {parameter name: {"basis": key, "frozen": int, "total": int}}
-    warp/basis.safetensors    {basis key: U} (fp32, in x in), one per distinct input
-    warp/masks.safetensors    {parameter name: mask} (bool, the weight's shape, True = frozen)
-    warp/spectrum.json        per basis: dim, directions holding 90% of the energy, share
-    eval/{before,after}.json  generated samples behind the metrics
+    spec.json                     the spec as run
+    state.json                    the stages completed and their seconds (what a rerun skips)
+    metrics.json                  before/after metrics, refusal rule, timings, spectrum
+    training.json                 {"steps": optimizer steps, "examples": utility examples}
+    model/                        an ordinary Hugging Face checkpoint (safetensors + tokenizer)
+    warp/basis.safetensors        {basis key: U} (fp32, in x in), one per distinct input
+    warp/eigenvalues.safetensors  {basis key: eigenvalues} (fp32, descending)
+    warp/basis_of.json            {target module name: basis key}
+    warp/spectrum.json            per basis: dim, directions holding 90% of the energy, share
+    warp/masks.safetensors        {parameter name: mask} (bool, the weight's shape, True = frozen)
+    warp/targets.json             {parameter name: {"basis": key, "frozen": int, "total": int}}
+    eval/{before,after}.json      the metrics and the generated samples behind them
+    checkpoints/finetune.pt       resumable training state (`finetune.Checkpoint`)
+    report.md, report.png         the job's report (`report.write_report`, rebuilt every run)
 
-Everything is written to a temporary name first and renamed, so a reader never sees half
-a file.
+All but the report are written under their name + `.partial` (`model.partial/` for the
+model) and renamed when complete (`files.replacing`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +29,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from warp_core.basis import Bases
+from warp_core.files import replacing
 from warp_core.model import Target
 
 
 def write_json(path: Path, payload: Any) -> None:
     """Atomically write `payload` as indented JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(partial, path)
+    with replacing(path) as partial:
+        partial.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -41,10 +44,8 @@ def read_json(path: Path) -> Any:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial))
-    os.replace(partial, path)
+    with replacing(path) as partial:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(partial))
 
 
 def save_bases(warp_dir: Path, bases: Bases, spectrum: dict[str, Any]) -> None:
@@ -87,9 +88,6 @@ def load_masks(warp_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
 
 def save_model(model: Any, tokenizer: Any, model_dir: Path) -> None:
     """The fine-tuned model as a plain Hugging Face checkpoint: no project code to load it."""
-    partial = model_dir.with_name(model_dir.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    os.replace(partial, model_dir)
+    with replacing(model_dir) as partial:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)

@@ -11,7 +11,6 @@ baseline (`method="full"`) runs this same loop with the weights themselves as st
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from warp_core.data import IGNORE_INDEX, Encoded, collate, epoch_order
+from warp_core.files import replacing
 from warp_core.spec import Hyperparameters
 
 
@@ -149,8 +149,8 @@ def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch
 class Checkpoint:
     """The resumable training state: step, masters, optimizer and scheduler.
 
-    Written atomically (temporary file, then rename), so a crash mid-save leaves the
-    previous checkpoint intact.
+    Written through `files.replacing`, so a crash mid-save leaves the previous checkpoint
+    intact.
     """
 
     def __init__(self, path: Path) -> None:
@@ -164,10 +164,8 @@ class Checkpoint:
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.path)
+        with replacing(self.path) as partial:
+            torch.save(state, partial)
 
     def restore(self, slots: Sequence[Slot], optimizer, scheduler) -> int:
         """Load the saved state into `slots` and the optimizer; return the next step."""
