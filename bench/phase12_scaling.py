@@ -91,7 +91,7 @@ def child(ns: argparse.Namespace) -> dict[str, Any]:
     meter = LoadMeter()
     began = time.perf_counter()
     bases = build_bases(
-        model, targets, basis_batches, on_batch=lambda _b: marks.append(time.perf_counter())
+        model, targets, basis_batches, on_batch=lambda: marks.append(time.perf_counter())
     )
     ended = time.perf_counter()
     load_1 = meter.mark()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from warp_core.events import OnBatch
 from warp_core.model import Target
 
 
@@ -64,7 +65,7 @@ def second_moments(
     model: nn.Module,
     groups: dict[str, list[Target]],
     batches: Iterable[dict[str, torch.Tensor]],
-    on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    on_batch: OnBatch = None,
 ) -> dict[str, torch.Tensor]:
     """`G = sum_t x_t x_t^T` per group over non-padding tokens, accumulated in fp32."""
     device = next(model.parameters()).device
@@ -96,7 +97,7 @@ def second_moments(
                 token_mask[:] = [batch["attention_mask"].bool()]
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 if on_batch:
-                    on_batch(batch)
+                    on_batch()
     finally:
         for handle in handles:
             handle.remove()
@@ -118,7 +119,7 @@ def build_bases(
     model: nn.Module,
     targets: list[Target],
     batches: list[dict[str, torch.Tensor]],
-    on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    on_batch: OnBatch = None,
 ) -> Bases:
     """Phase 1 end to end: group targets by input, accumulate moments, decompose them."""
     groups = group_by_input(model, targets, batches[0])

@@ -32,10 +32,8 @@ from warp_core.data import (
     encode_prompt,
     pad_token_id,
 )
+from warp_core.events import OnBatch
 from warp_core.spec import EvalSpec
-
-OnBatch = Callable[[], None] | None
-"""Called after every batch: the pipeline reports progress and may raise to cancel."""
 
 REFUSAL_WINDOW_TOKENS = 32
 

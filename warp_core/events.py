@@ -19,8 +19,8 @@ class Event:
     phase: str | None
     data: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "phase": self.phase, "data": self.data}
-
 
 EventCallback = Callable[[Event], None]
+
+OnBatch = Callable[[], None] | None
+"""Called after every batch of a phase: the pipeline reports progress and may raise to cancel."""

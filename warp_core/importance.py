@@ -7,12 +7,13 @@ fp32; nothing is updated. The mask freezes the top `keep_ratio` of `I`, with an 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from warp_core.basis import Bases
+from warp_core.events import OnBatch
 from warp_core.model import Target
 
 
@@ -21,7 +22,7 @@ def importance_scores(
     targets: list[Target],
     bases: Bases,
     batches: Iterable[dict[str, torch.Tensor]],
-    on_batch: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    on_batch: OnBatch = None,
 ) -> dict[str, torch.Tensor]:
     """`I = sum_b |(dL_b/dW) U|` per target weight (fp32, the weight's shape).
 
@@ -42,7 +43,7 @@ def importance_scores(
                 rotated = target.weight.grad.float() @ bases.for_target(target)
                 scores[target.param_name].add_(rotated.abs_())
             if on_batch:
-                on_batch(batch)
+                on_batch()
     finally:
         model.zero_grad(set_to_none=True)
         for param, flag in flags.items():

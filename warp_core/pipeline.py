@@ -46,7 +46,6 @@ from warp_core.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-PHASES = ("basis", "importance", "finetune", "evaluate")
 STAGES: dict[str, tuple[str, float]] = {
     "evaluate_before": ("evaluate", 1.0),
     "basis": ("basis", 1.0),
@@ -120,11 +119,11 @@ class Pipeline:
         self._stage_progress = step / max(total_steps, 1)
         self.emit("progress", step=step, total_steps=total_steps, fraction=self.fraction(), **data)
 
-    def counter(self, total: int) -> Callable[..., None]:
+    def counter(self, total: int) -> Callable[[], None]:
         """An `on_batch` callback that reports progress and honours cancellation."""
         done = [0]
 
-        def tick(*_args: Any) -> None:
+        def tick() -> None:
             done[0] += 1
             self.progress(done[0], total)
             self.check_stop()
