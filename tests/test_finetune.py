@@ -9,9 +9,17 @@ import torch
 from tests.helpers import make_spec
 from warp_core.data import collate, encode_examples, load_examples, pad_token_id
 from warp_core.export import load_bases, load_masks
-from warp_core.finetune import RotatedSlot, Schedule, accumulate_gradients, response_loss_sum
+from warp_core.finetune import (
+    PlainSlot,
+    RotatedSlot,
+    Schedule,
+    accumulate_gradients,
+    build_optimizer,
+    response_loss_sum,
+)
 from warp_core.model import find_targets, load_model, set_trainable
 from warp_core.pipeline import Cancelled, Pipeline
+from warp_core.spec import Hyperparameters
 
 
 def base_model(model_dir):
@@ -39,6 +47,12 @@ def rotated_change(pipeline, model_dir):
         )
         for t in find_targets(pipeline.model, pipeline.hp.target_modules)
     }
+
+
+def test_adam_betas_come_from_the_hyperparameters(model_dir):
+    slots = [PlainSlot(name, param) for name, param in base_model(model_dir).named_parameters()]
+    optimizer, _ = build_optimizer(slots, Hyperparameters(adam_beta2=0.95), total_steps=10)
+    assert {group["betas"] for group in optimizer.param_groups} == {(0.9, 0.95)}
 
 
 def test_zero_steps_reproduce_the_base_logits_exactly(model_dir, tmp_path, tokenizer):

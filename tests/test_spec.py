@@ -52,6 +52,7 @@ def test_hyperparameter_defaults_match_the_documented_ones() -> None:
     assert hp.max_length == 1024
     assert hp.lr_scheduler == "cosine"
     assert hp.warmup_ratio == 0.1
+    assert (hp.adam_beta1, hp.adam_beta2) == (0.9, 0.999)  # torch's AdamW defaults
     assert hp.max_grad_norm == 1.0
     assert hp.keep_ratio == 0.1
     assert hp.mask_scope == "module"
@@ -302,6 +303,12 @@ def test_disabled_eval_needs_no_limits() -> None:
             "greater than 0",
         ),
         ({"hyperparameters": {"keep_ratio": 1.5}}, "hyperparameters.keep_ratio", "less than 1"),
+        ({"hyperparameters": {"adam_beta2": 1.0}}, "hyperparameters.adam_beta2", "less than 1"),
+        (
+            {"hyperparameters": {"adam_beta1": -0.1}},
+            "hyperparameters.adam_beta1",
+            "greater than or equal to 0",
+        ),
         (
             {"hyperparameters": {"warmup_ratio": 2}},
             "hyperparameters.warmup_ratio",

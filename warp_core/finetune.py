@@ -97,9 +97,19 @@ class StepReport:
     seconds: float
 
 
-class Schedule:
+class StepSchedule(Protocol):
     """Which examples form each micro-batch of each optimizer step, as a pure function of
     the step number, so a resumed run sees exactly the batches it would have seen."""
+
+    total_steps: int
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """Indices into the example list, one list per micro-batch of `step`."""
+
+
+class Schedule:
+    """A job's `StepSchedule`: epochs of seeded shuffles, `batch_size` examples per
+    micro-batch, `grad_accum_steps` micro-batches per step."""
 
     def __init__(self, n_examples: int, hp: Hyperparameters) -> None:
         self.n = n_examples
@@ -125,7 +135,7 @@ def build_optimizer(
     groups = [{"params": matrices, "weight_decay": hp.weight_decay}]
     if vectors:
         groups.append({"params": vectors, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate)
+    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
     scheduler = get_scheduler(
         hp.lr_scheduler,
         optimizer,
@@ -189,20 +199,22 @@ def train(
     examples: Sequence[Encoded],
     hp: Hyperparameters,
     pad_id: int,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | None,
     on_step: Callable[[StepReport], None] | None = None,
-    should_stop: Callable[[], None] | None = None,
+    check_stop: Callable[[], None] | None = None,
+    schedule: StepSchedule | None = None,
 ) -> int:
     """Run (or resume) the optimizer steps; returns the number of steps done.
 
     The loss of a step is the sum over its micro-batches of response-token losses divided
     by the step's response-token count, so the result does not depend on how a step is
-    split into micro-batches. `should_stop` is called before every micro-batch and may raise
-    to cancel; the last checkpoint stays for a later resume.
+    split into micro-batches. `schedule` defaults to the job's `Schedule` over `examples`.
+    Without a `checkpoint` nothing is saved or resumed. `check_stop` is called before every
+    micro-batch and may raise to cancel; the last checkpoint stays for a later resume.
     """
-    schedule = Schedule(len(examples), hp)
+    schedule = schedule or Schedule(len(examples), hp)
     optimizer, scheduler = build_optimizer(slots, hp, schedule.total_steps)
-    first_step = checkpoint.restore(slots, optimizer, scheduler)
+    first_step = checkpoint.restore(slots, optimizer, scheduler) if checkpoint else 0
     model.train()
     params = [s.master for s in slots]
     for step in range(first_step, schedule.total_steps):
@@ -210,7 +222,7 @@ def train(
         micro = [
             collate([examples[i] for i in ids], pad_id) for ids in schedule.micro_batches(step)
         ]
-        loss, tokens = accumulate_gradients(model, micro, should_stop)
+        loss, tokens = accumulate_gradients(model, micro, check_stop)
         for slot in slots:
             slot.load_grad()
         norm = _clip(params, hp.max_grad_norm)
@@ -222,7 +234,7 @@ def train(
         for slot in slots:
             slot.write_back()
         done = step + 1
-        if done % hp.checkpoint_every == 0 or done == schedule.total_steps:
+        if checkpoint and (done % hp.checkpoint_every == 0 or done == schedule.total_steps):
             checkpoint.save(done, slots, optimizer, scheduler)
         if on_step:
             seconds = time.perf_counter() - started
@@ -236,15 +248,15 @@ def train(
 def accumulate_gradients(
     model: nn.Module,
     micro_batches: list[dict[str, torch.Tensor]],
-    should_stop: Callable[[], None] | None,
+    check_stop: Callable[[], None] | None,
 ) -> tuple[float, int]:
     """Backward over a step's micro-batches; returns its mean loss and its token count."""
     device = next(model.parameters()).device
     label_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
     total = 0.0
     for batch in micro_batches:
-        if should_stop:
-            should_stop()
+        if check_stop:
+            check_stop()
         batch = {key: value.to(device) for key, value in batch.items()}
         loss = response_loss_sum(model, batch) / max(label_tokens, 1)
         loss.backward()

@@ -279,7 +279,7 @@ class Pipeline:
             pad_token_id(self.tokenizer),
             checkpoint,
             on_step=report,
-            should_stop=self.check_stop,
+            check_stop=self.check_stop,
         )
         for param in self.model.parameters():
             param.requires_grad_(False)

@@ -143,6 +143,12 @@ class Hyperparameters(_Strict):
     ] = Field("cosine", description="transformers learning-rate schedule name.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    adam_beta1: float = Field(
+        0.9, ge=0, lt=1, description="AdamW decay rate of the gradient's running mean."
+    )
+    adam_beta2: float = Field(
+        0.999, ge=0, lt=1, description="AdamW decay rate of the squared gradient's running mean."
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the global gradient norm to this (None: no clipping)."
     )
