@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import make_spec
+from tests.helpers import encoded_batches, make_spec, utility_ref
 from warp_core.data import collate, encode_examples, load_examples, pad_token_id
 from warp_core.export import load_bases, load_masks
 from warp_core.finetune import (
@@ -15,8 +15,8 @@ from warp_core.finetune import (
     Schedule,
     accumulate_gradients,
     build_optimizer,
-    response_loss_sum,
 )
+from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.model import find_targets, load_model, set_trainable
 from warp_core.pipeline import Cancelled, Pipeline
 from warp_core.spec import Hyperparameters
@@ -47,6 +47,15 @@ def rotated_change(pipeline, model_dir):
         )
         for t in find_targets(pipeline.model, pipeline.hp.target_modules)
     }
+
+
+def test_the_response_loss_is_the_models_own_loss_summed(model_dir, tokenizer):
+    """Applying lm_head to response positions only changes nothing but the cost."""
+    model = base_model(model_dir)
+    for batch in encoded_batches(tokenizer, utility_ref(limit=8), batch_size=4):
+        with torch.no_grad():
+            expected = model(**batch).loss * response_tokens(batch)
+            torch.testing.assert_close(response_loss_sum(model, batch), expected)
 
 
 def test_adam_betas_come_from_the_hyperparameters(model_dir):

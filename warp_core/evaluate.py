@@ -22,17 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from warp_core.data import (
-    IGNORE_INDEX,
-    Example,
-    batches,
-    encode_examples,
-    encode_prompt,
-    pad_token_id,
-)
+from warp_core.data import Example, batches, encode_examples, encode_prompt, pad_token_id
 from warp_core.events import OnBatch
+from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.spec import EvalSpec
 
 REFUSAL_WINDOW_TOKENS = 32
@@ -224,18 +217,10 @@ def response_loss(
     total_loss, total_tokens = 0.0, 0
     for batch in batches(encoded, batch_size, pad_token_id(tokenizer)):
         with torch.inference_mode():
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-        labels = batch["labels"][:, 1:].to(device)
-        total_loss += F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        ).item()
-        total_tokens += int((labels != IGNORE_INDEX).sum())
+            total_loss += response_loss_sum(
+                model, {key: value.to(device) for key, value in batch.items()}
+            ).item()
+        total_tokens += response_tokens(batch)
         if on_batch is not None:
             on_batch()
     return total_loss / total_tokens

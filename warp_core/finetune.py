@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import get_scheduler
 
-from warp_core.data import IGNORE_INDEX, Encoded, collate, epoch_order
+from warp_core.data import Encoded, collate, epoch_order
 from warp_core.files import replacing
+from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.spec import Hyperparameters
 
 
@@ -145,17 +145,6 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def response_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over response tokens, in fp32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        batch["labels"][:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
 class Checkpoint:
     """The resumable training state: step, masters, optimizer and scheduler.
 
@@ -252,7 +241,7 @@ def accumulate_gradients(
 ) -> tuple[float, int]:
     """Backward over a step's micro-batches; returns its mean loss and its token count."""
     device = next(model.parameters()).device
-    label_tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    label_tokens = sum(response_tokens(mb) for mb in micro_batches)
     total = 0.0
     for batch in micro_batches:
         if check_stop:

@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
 
 from warp_core.data import (
-    IGNORE_INDEX,
     Encoded,
     Example,
     collate,
@@ -39,6 +37,7 @@ from warp_core.data import (
 )
 from warp_core.evaluate import refusal_rate, response_loss
 from warp_core.export import write_json
+from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.spec import JobSpec
 
 CHATML_TEMPLATE = (
@@ -408,18 +407,6 @@ def _schedule(n_harmful: int, n_utility: int, config: ToyConfig) -> list[list[tu
     return steps
 
 
-def _response_loss_sum(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`warp_core.finetune.response_loss_sum`, with lm_head applied to response positions only
-    (most positions are prompt or padding, whose logits nothing needs)."""
-    hidden = model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-    ).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    learned = labels != IGNORE_INDEX
-    logits = model.lm_head(hidden[:, :-1][learned])
-    return F.cross_entropy(logits.float(), labels[learned], reduction="sum")
-
-
 def _train(
     model: LlamaForCausalLM,
     schedule: list[list[tuple[int, int]]],
@@ -447,8 +434,8 @@ def _train(
             for pool in (0, 1)
             if any(row[0] == pool for row in rows)
         ]
-        tokens = sum(int((mb["labels"][:, 1:] != IGNORE_INDEX).sum()) for mb in micro)
-        loss = sum(_response_loss_sum(model, mb) for mb in micro) / tokens
+        tokens = sum(response_tokens(mb) for mb in micro)
+        loss = sum(response_loss_sum(model, mb) for mb in micro) / tokens
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         learning_rate = scheduler.get_last_lr()[0]
