@@ -37,7 +37,6 @@ from phase_common import (
     LoadMeter,
     add_model_args,
     build_model,
-    build_tokenizer,
     default_busy,
     emit_result,
     exit_on_sigterm,
@@ -56,6 +55,7 @@ from warp_core.data import batches, encode_examples, pad_token_id
 from warp_core.importance import importance_scores, masks_from_importance
 from warp_core.model import find_targets
 from warp_core.spec import DEFAULT_TARGET_MODULES, Hyperparameters
+from warp_core.testing import tiny_tokenizer
 
 
 def rotation_seconds(targets: list[Any], bases: Any) -> float:
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     script = Path(__file__).resolve()
     results = []
     with tempfile.TemporaryDirectory(prefix="warp-bench-") as tmp:
-        tokenizer = build_tokenizer(ns.vocab)
+        tokenizer = tiny_tokenizer(ns.vocab)
         tokenizer.save_pretrained(Path(tmp) / "tokenizer")
         for repeat in range(ns.repeats):
             sizes = ns.examples if repeat % 2 == 0 else ns.examples[::-1]

@@ -39,7 +39,6 @@ from phase_common import (
     LoadMeter,
     add_model_args,
     build_model,
-    build_tokenizer,
     default_busy,
     emit_result,
     exit_on_sigterm,
@@ -63,6 +62,7 @@ from warp_core.finetune import Checkpoint, PlainSlot, RotatedSlot, Slot, StepRep
 from warp_core.importance import masks_from_importance
 from warp_core.model import Target, find_targets, set_trainable
 from warp_core.spec import DEFAULT_TARGET_MODULES, Hyperparameters
+from warp_core.testing import tiny_tokenizer
 
 ARMS = ("plain", "warp")
 PIECES = ("forward_backward", "load_grad", "optimizer", "write_back", "other")
@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="warp-bench-") as tmp:
         workdir = Path(tmp)
-        tokenizer = build_tokenizer(ns.vocab)
+        tokenizer = tiny_tokenizer(ns.vocab)
         tokenizer.save_pretrained(workdir / "tokenizer")
         unit = ns.micro_batch * math.lcm(*ns.accum)
         items = fixed_length_items(tokenizer, ns.seq_len, unit)

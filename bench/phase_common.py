@@ -2,8 +2,9 @@
 
 Benchmarks run every measured configuration in a child process of their own, so the peak
 resident memory (`VmHWM`) read inside the child belongs to that configuration alone. The
-parent trains the tokenizer once, saves it to a temporary directory, and the children load
-it from there, so every child builds exactly the same model.
+parent trains the tokenizer once (`warp_core.testing.tiny_tokenizer`), saves it to a
+temporary directory, and the children load it from there, so every child builds exactly the
+same model.
 """
 
 from __future__ import annotations
@@ -26,36 +27,24 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from warp_core.data import Example, load_examples
 from warp_core.spec import DatasetRef
-from warp_core.toy import tiny_llama, train_tokenizer
+from warp_core.testing import SAFETY_SLICE, UTILITY_SLICE, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "examples" / "data"
-SAFETY_CSV = DATA / "do-not-answer.csv"
-GSM8K_JSONL = DATA / "gsm8k.jsonl"
-SAFETY_ROWS = 300
-"""Rows of the do-not-answer slice the tokenizer is trained on (its first 300)."""
 UTILITY_ROWS = 400
-"""Rows of the GSM8K slice used (its first 400, unchanged since the slice had 400 rows), so
-the tokenizer, and so every token count, stays the same when the slice grows."""
+"""Rows of the GSM8K slice Phase 3 trains on (its first 400, unchanged since the slice had
+400 rows), so every token count stays the same when the slice grows."""
 RESULT_PREFIX = "RESULT "
 """A child prints its result as one JSON line starting with this prefix."""
 
 
 def safety_examples(limit: int | None = None) -> list[Example]:
     """Rows `[0, limit)` of the do-not-answer slice: harmful prompt + refusal."""
-    return load_examples(DatasetRef(source=str(SAFETY_CSV), preset="do-not-answer", limit=limit))
+    return load_examples(DatasetRef(source=str(SAFETY_SLICE), preset="do-not-answer", limit=limit))
 
 
 def utility_examples(limit: int | None = None) -> list[Example]:
     """Rows `[0, limit)` of the GSM8K slice: question + worked answer."""
-    return load_examples(DatasetRef(source=str(GSM8K_JSONL), preset="gsm8k", limit=limit))
-
-
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on both data slices (do-not-answer and GSM8K)."""
-    examples = safety_examples(SAFETY_ROWS) + utility_examples(UTILITY_ROWS)
-    texts = [f"{ex.prompt}\n{ex.response}" for ex in examples]
-    return train_tokenizer(texts, vocab_size)
+    return load_examples(DatasetRef(source=str(UTILITY_SLICE), preset="gsm8k", limit=limit))
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:

@@ -1,8 +1,9 @@
-"""Regenerate the data slices in examples/data/ from the project's shared datasets.
+"""Regenerate the data slices shipped in warp_core/example_data/ from the project's shared
+datasets.
 
 Run from the repository root:
 
-    python examples/make_data_slices.py [--src ../shared/data] [--out examples/data]
+    python examples/make_data_slices.py [--src ../shared/data] [--out warp_core/example_data]
 
 Each slice is a verbatim prefix or selection of the shared file (JSON Lines rows are copied
 byte for byte; the Do-Not-Answer CSVs keep a subset of their columns), so running this again
@@ -16,6 +17,8 @@ import csv
 import json
 import shutil
 from pathlib import Path
+
+from warp_core.testing import EXAMPLE_DATA
 
 DNA_ROWS = 300
 DNA_COLUMNS = (
@@ -114,7 +117,7 @@ def make_slices(src: Path, out: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", type=Path, default=Path("../shared/data"), help="shared data dir")
-    parser.add_argument("--out", type=Path, default=Path("examples/data"), help="output dir")
+    parser.add_argument("--out", type=Path, default=EXAMPLE_DATA, help="output dir")
     args = parser.parse_args(argv)
     counts = make_slices(args.src, args.out)
     total = 0

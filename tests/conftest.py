@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny offline Llama chat model trained on the repo's data slices."""
+"""Shared fixtures: the tiny offline Llama chat model of `warp_core.testing`."""
 
 from __future__ import annotations
 
@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import corpus
-from warp_core.toy import save_checkpoint, tiny_llama, train_tokenizer
+from warp_core.testing import save_checkpoint, tiny_llama, tiny_tokenizer
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return train_tokenizer(corpus(), vocab_size=1024)
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")

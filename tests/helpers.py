@@ -1,8 +1,7 @@
-"""Helpers shared by the tests: data references, specs and batches over the repo's slices."""
+"""Helpers shared by the tests: data references, specs and batches over the shipped slices."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,34 +9,26 @@ import torch
 
 from warp_core.data import batches, encode_examples, load_examples, pad_token_id
 from warp_core.spec import DatasetRef, JobSpec
+from warp_core.testing import SAFETY_SLICE, UTILITY_SLICE
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO / "examples" / "data"
-SAFETY_CSV = DATA / "do-not-answer.csv"
-GSM8K_JSONL = DATA / "gsm8k.jsonl"
-
-
-def corpus() -> list[str]:
-    """Text the test tokenizer is trained on: GSM8K questions and do-not-answer pairs.
-
-    The first 400 GSM8K rows only, so the tokenizer (and the padding some tests rely on)
-    does not change when the data slice grows."""
-    lines = GSM8K_JSONL.read_text().splitlines()[:400]
-    texts = [json.loads(line)["question"] for line in lines]
-    safety = load_examples(DatasetRef(**safety_ref(limit=120)))
-    return texts + [ex.prompt + " " + ex.response for ex in safety]
 
 
 def safety_ref(limit: int = 24, offset: int = 0) -> dict[str, Any]:
-    return {"source": str(SAFETY_CSV), "preset": "do-not-answer", "limit": limit, "offset": offset}
+    return {
+        "source": str(SAFETY_SLICE),
+        "preset": "do-not-answer",
+        "limit": limit,
+        "offset": offset,
+    }
 
 
 def utility_ref(limit: int = 32, offset: int = 0) -> dict[str, Any]:
-    return {"source": str(GSM8K_JSONL), "preset": "gsm8k", "limit": limit, "offset": offset}
+    return {"source": str(UTILITY_SLICE), "preset": "gsm8k", "limit": limit, "offset": offset}
 
 
 def make_spec(model_dir: Path, **hyperparameters: Any) -> JobSpec:
-    """A small, fast job over the repo's data slices; keyword args override hyperparameters
+    """A small, fast job over the shipped data slices; keyword args override hyperparameters
     (plus `method` and `eval`, which override those top-level fields)."""
     eval_spec = hyperparameters.pop("eval", {"enabled": False})
     method = hyperparameters.pop("method", "warp")

@@ -32,7 +32,7 @@ from warp_core.data import (
     render_response,
 )
 from warp_core.spec import DatasetRef
-from warp_core.toy import train_tokenizer
+from warp_core.testing import train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DO_NOT_ANSWER = SHARED_DATA / "do-not-answer" / "data_en.csv"

@@ -30,7 +30,7 @@ from warp_core.evaluate import (
     run_mbpp_tests,
 )
 from warp_core.spec import EvalSpec
-from warp_core.toy import tiny_llama, train_tokenizer
+from warp_core.testing import tiny_llama, train_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REFUSAL = "I'm sorry, I cannot help with that."

@@ -1,4 +1,5 @@
-"""The examples/ folder: data slices, their notices, the tiny-model builder and the job spec."""
+"""The shipped data slices and their notices, and the examples/ folder: the tiny-model builder
+and the job spec."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.helpers import REPO
 from warp_core.spec import DatasetRef, JobSpec
+from warp_core.testing import EXAMPLE_DATA
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-DATA = EXAMPLES / "data"
 SHARED_DATA = REPO.parent / "shared" / "data"
 SLICE_SUFFIXES = (".csv", ".jsonl")
 OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -46,9 +47,9 @@ def count_rows(path: Path) -> int:
 
 
 def readme_table() -> dict[str, tuple[int, str]]:
-    """file -> (rows, link target of the licence cell) from examples/data/README.md."""
+    """file -> (rows, link target of the licence cell) from the slices' README.md."""
     table = {}
-    for line in (DATA / "README.md").read_text(encoding="utf-8").splitlines():
+    for line in (EXAMPLE_DATA / "README.md").read_text(encoding="utf-8").splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
         if len(cells) == 4 and cells[0].endswith(SLICE_SUFFIXES):
             link = re.search(r"\]\(([^)]+)\)", cells[3])
@@ -113,7 +114,7 @@ def test_built_spec_is_valid_and_points_at_existing_files(built: Path) -> None:
     assert hp.importance_batch_size == 2
     for ref in dataset_refs(spec):
         path = Path(ref.source)
-        assert path.is_absolute() and path.is_file() and path.parent == DATA
+        assert path.is_absolute() and path.is_file() and path.parent == EXAMPLE_DATA
         # Every slice, held-out ones included, is really there: none comes up short.
         assert ref.limit is not None
         assert ref.offset + ref.limit <= count_rows(path), ref
@@ -134,12 +135,13 @@ def test_example_spec_is_the_built_job_with_repo_relative_paths(
     spec = JobSpec.model_validate(raw)
     assert spec.base_model == "examples/tiny-model/model"
     for ref in dataset_refs(spec):
-        assert not Path(ref.source).is_absolute() and ref.source.startswith("examples/data/")
+        assert not Path(ref.source).is_absolute()
+        assert ref.source.startswith("warp_core/example_data/")
         assert (REPO / ref.source).is_file(), ref.source
         assert ref.is_local
 
     built_json = (built / "spec.json").read_text(encoding="utf-8")
-    built_json = built_json.replace(json.dumps(str(DATA))[1:-1], "examples/data")
+    built_json = built_json.replace(json.dumps(str(EXAMPLE_DATA))[1:-1], "warp_core/example_data")
     built_json = built_json.replace(
         json.dumps(str((built / "model").resolve()))[1:-1], "examples/tiny-model/model"
     )
@@ -148,20 +150,21 @@ def test_example_spec_is_the_built_job_with_repo_relative_paths(
 
 def test_readme_table_matches_the_slices() -> None:
     table = readme_table()
-    slices = sorted(p.name for p in DATA.iterdir() if p.suffix in SLICE_SUFFIXES)
+    slices = sorted(p.name for p in EXAMPLE_DATA.iterdir() if p.suffix in SLICE_SUFFIXES)
     assert sorted(table) == slices
     for name, (rows, _) in table.items():
-        assert count_rows(DATA / name) == rows, name
-    assert sum(p.stat().st_size for p in DATA.iterdir()) < 2_200_000  # toy model data included
+        assert count_rows(EXAMPLE_DATA / name) == rows, name
+    size = sum(p.stat().st_size for p in EXAMPLE_DATA.iterdir())
+    assert size < 2_200_000  # toy model data included
 
 
 def test_each_slice_has_its_notice() -> None:
     for name, (_, notice) in readme_table().items():
         stem = name.removesuffix(Path(name).suffix).removesuffix("-test")
         assert notice == f"{stem}.NOTICE.md", name
-        text = (DATA / notice).read_text(encoding="utf-8")
+        text = (EXAMPLE_DATA / notice).read_text(encoding="utf-8")
         assert name in text, f"{notice} does not mention {name}"
-    dna = (DATA / "do-not-answer.NOTICE.md").read_text(encoding="utf-8")
+    dna = (EXAMPLE_DATA / "do-not-answer.NOTICE.md").read_text(encoding="utf-8")
     for needed in (
         "LibrAI",
         "Wang",
@@ -173,12 +176,12 @@ def test_each_slice_has_its_notice() -> None:
         "kunishou/do-not-answer-ja",
     ):
         assert needed in dna, needed
-    assert "MIT License" in (DATA / "gsm8k.LICENSE").read_text(encoding="utf-8")
-    assert "CC BY 4.0" in (DATA / "mbpp.NOTICE.md").read_text(encoding="utf-8")
+    assert "MIT License" in (EXAMPLE_DATA / "gsm8k.LICENSE").read_text(encoding="utf-8")
+    assert "CC BY 4.0" in (EXAMPLE_DATA / "mbpp.NOTICE.md").read_text(encoding="utf-8")
 
 
 def test_slice_contents() -> None:
-    with (DATA / "do-not-answer.csv").open(newline="", encoding="utf-8") as f:
+    with (EXAMPLE_DATA / "do-not-answer.csv").open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
     assert reader.fieldnames == [
@@ -190,7 +193,7 @@ def test_slice_contents() -> None:
         "llama2-7b-chat_response",
     ]
     assert all(row["question"] and row["llama2-7b-chat_response"] for row in rows)
-    with (DATA / "mbpp.jsonl").open(encoding="utf-8") as f:
+    with (EXAMPLE_DATA / "mbpp.jsonl").open(encoding="utf-8") as f:
         assert [json.loads(line)["task_id"] for line in f] == list(range(601, 701))
 
 
@@ -200,4 +203,4 @@ def test_slices_are_reproducible(tmp_path: Path) -> None:
     made = sorted(p.name for p in tmp_path.iterdir())
     assert made == sorted([*readme_table(), "gsm8k.LICENSE"])
     for name in made:
-        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (EXAMPLE_DATA / name).read_bytes(), name

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import make_spec
 from warp_core.pipeline import Cancelled, Pipeline, run
-from warp_core.toy import save_checkpoint, tiny_llama
+from warp_core.testing import save_checkpoint, tiny_llama
 
 SMALL_EVAL = {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8}
 

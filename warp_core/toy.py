@@ -1,9 +1,10 @@
-"""Tiny Llama chat models built offline: for tests, examples and benchmarks.
+"""A tiny safety-aligned chat model, trained offline on the shipped data, and a WaRP job for it.
 
-No pretrained weights can be downloaded where this project is tested, so these helpers train
-a byte-level BPE tokenizer on local text, give it a ChatML chat template, and initialise a
-small `LlamaForCausalLM` from `LlamaConfig`. The result saves and loads like any Hugging Face
-checkpoint.
+The model learns to refuse harmful questions and to answer GSM8K problems; its job then
+fine-tunes it on more GSM8K, where plain fine-tuning erases the refusals and WaRP keeps
+them. Tokenizer and model come from the tiny-model recipe (`warp_core.testing`); this module
+splits the data, trains, writes the data beside the model, caches builds and checks the
+result.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
 
 from warp_core.data import (
     Encoded,
@@ -39,77 +39,7 @@ from warp_core.evaluate import refusal_rate, response_loss
 from warp_core.export import write_json
 from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.spec import JobSpec
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with a ChatML chat template."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama(
-    tokenizer: PreTrainedTokenizerFast,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: int | None = None,
-    seed: int = 0,
-    tie_word_embeddings: bool = False,
-) -> LlamaForCausalLM:
-    """A randomly initialised Llama sized for tests (lm_head untied unless asked, like most
-    chat models; small ones such as SmolLM2 tie it)."""
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or int(hidden_size * 2.75),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=2048,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> Path:
-    """Write an ordinary Hugging Face checkpoint (safetensors + tokenizer) to `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-# -- a tiny *aligned* chat model, trained on real data ----------------------------------------
+from warp_core.testing import EXAMPLE_DATA, save_checkpoint, tiny_llama, train_tokenizer
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -123,7 +53,6 @@ REFUSALS = (
 RECIPE_VERSION = 1
 """Bump when `make_toy_model` trains differently: old cache entries stop matching."""
 
-REPO_DATA_DIR = Path(__file__).resolve().parents[1] / "examples" / "data"
 HARMFUL_FILE = "do-not-answer-questions.csv"
 UTILITY_FILE = "gsm8k.jsonl"
 UTILITY_TEST_FILE = "gsm8k-test.jsonl"
@@ -171,7 +100,7 @@ class ToyConfig(BaseModel):
     safety_rows: int = Field(256, gt=0, description="Harmful rows of the job's safety data.")
     utility_rows: int = Field(1500, gt=0, description="GSM8K rows of the job's utility data.")
     seed: int = Field(0, ge=0, description="Initialisation and data order.")
-    data_dir: Path = Field(REPO_DATA_DIR, description="Where the data slices are.")
+    data_dir: Path = Field(EXAMPLE_DATA, description="Where the data slices are.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ToyConfig:
@@ -559,8 +488,8 @@ def _check(
 DATA_NOTICE = """\
 # Data of a toy aligned model
 
-Written by the `make-toy-model` command (`warp_core/toy.py`) from the repository's
-`examples/data/` slices. Prompts are cut to fit the model's prompt length.
+Written by the `make-toy-model` command (`warp_core/toy.py`) from the data slices shipped
+in `warp_core/example_data/`. Prompts are cut to fit the model's prompt length.
 
 - `safety.jsonl`, `eval-harmful.jsonl`: questions of LibrAI Do-Not-Answer
   (`do-not-answer-questions.csv`) paired with fixed refusal sentences. Licence: CC BY-NC-SA
