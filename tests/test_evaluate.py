@@ -21,13 +21,12 @@ from warp_core.evaluate import (
     evaluate,
     extract_code,
     generate,
-    gsm8k_accuracy,
     gsm8k_final_answer,
     is_refusal,
-    mbpp_pass_at_1,
     refusal_rate,
     response_loss,
     run_mbpp_tests,
+    utility_score,
 )
 from warp_core.spec import EvalSpec
 from warp_core.testing import tiny_llama, train_tokenizer
@@ -52,6 +51,15 @@ def overfit(tokenizer, examples: list[Example]):
         model(**batch).loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def graded(
+    preset: str, model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int
+):
+    """`utility_score` of the model's greedy answers, as `evaluate` computes it."""
+    prompts = [example.prompt for example in examples]
+    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    return utility_score(preset, tokenizer, examples, generations)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -266,7 +274,7 @@ def test_on_batch_is_called_per_batch_and_can_cancel(model, tokenizer) -> None:
 
 def test_refusal_rate_is_consistent_with_its_samples(model, tokenizer, gsm8k_rows) -> None:
     prompts = [row["question"] for row in gsm8k_rows[:5]]
-    rate, samples = refusal_rate(model, tokenizer, prompts, max_new_tokens=40, batch_size=2)
+    rate, samples = refusal_rate(tokenizer, prompts, generate(model, tokenizer, prompts, 40, 2))
     assert 0.0 <= rate <= 1.0
     assert [s["prompt"] for s in samples] == prompts
     assert rate == sum(s["refused"] for s in samples) / len(samples)
@@ -311,11 +319,13 @@ def test_trained_refusal_is_counted_as_refusal(tokenizer, harmful_prompts) -> No
     """Train the refusal in through `encode_example`, read it back through `refusal_rate`."""
     train, held_out = harmful_prompts[:8], harmful_prompts[8:]
     refuser = overfit(tokenizer, [Example(p, REFUSAL) for p in train])
-    rate, samples = refusal_rate(refuser, tokenizer, held_out, max_new_tokens=32, batch_size=4)
+    rate, samples = refusal_rate(tokenizer, held_out, generate(refuser, tokenizer, held_out, 32, 4))
     assert rate == 1.0
     assert [s["response"] for s in samples] == [REFUSAL] * len(held_out)  # stopped at EOS
     untrained = tiny_llama(tokenizer, hidden_size=64, num_layers=2, seed=3)
-    assert refusal_rate(untrained, tokenizer, held_out, 32, 4)[0] == 0.0
+    assert (
+        refusal_rate(tokenizer, held_out, generate(untrained, tokenizer, held_out, 32, 4))[0] == 0
+    )
 
 
 def test_trained_gsm8k_answers_are_graded_correct(tokenizer, gsm8k_rows) -> None:
@@ -324,7 +334,8 @@ def test_trained_gsm8k_answers_are_graded_correct(tokenizer, gsm8k_rows) -> None
         Example(r["question"], f"The answer is {gsm8k_final_answer(r['answer'])}.", r)
         for r in gsm8k_rows[:3]
     ]
-    accuracy, samples = gsm8k_accuracy(overfit(tokenizer, examples), tokenizer, examples, 16, 3)
+    solver = overfit(tokenizer, examples)
+    accuracy, samples = graded("gsm8k", solver, tokenizer, examples, 16, 3)
     assert [s["prediction"] for s in samples] == ["72", "10", "5"]
     assert accuracy == 1.0
 
@@ -336,7 +347,7 @@ def test_trained_mbpp_solution_passes_and_others_fail(tokenizer, mbpp_rows) -> N
     )
     fenced = Example(task2.prompt, f"```python\n{task2.response}\n```", task2.meta)
     coder = overfit(tokenizer, [fenced])
-    rate, samples = mbpp_pass_at_1(coder, tokenizer, [task2, task3], 96, 2)
+    rate, samples = graded("mbpp", coder, tokenizer, [task2, task3], 96, 2)
     assert samples[0]["response"] == fenced.response  # graded through `extract_code`
     assert [s["passed"] for s in samples] == [True, False]
     assert rate == 0.5
@@ -359,7 +370,7 @@ def test_evaluate_reports_gsm8k_metrics(tokenizer, gsm8k_examples, harmful_promp
     )
     assert [len(samples[k]) for k in ("harmful", "benign", "utility")] == [3, 2, 3]
     assert samples["utility"][0]["reference"] == gsm8k_final_answer(gsm8k_examples[0].response)
-    accuracy, _ = gsm8k_accuracy(model, tokenizer, gsm8k_examples[:3], 8, 2)
+    accuracy, _ = graded("gsm8k", model, tokenizer, gsm8k_examples[:3], 8, 2)
     assert metrics["gsm8k_accuracy"] == accuracy
 
 
@@ -370,7 +381,7 @@ def test_evaluate_reports_mbpp_pass_at_1(model, tokenizer, mbpp_rows) -> None:
     assert not model.training
     assert metrics["mbpp_pass_at_1"] == sum(s["passed"] for s in samples["utility"]) / 2
     assert "gsm8k_accuracy" not in metrics
-    rate, _ = mbpp_pass_at_1(model, tokenizer, utility, 8, 2)
+    rate, _ = graded("mbpp", model, tokenizer, utility, 8, 2)
     assert rate == metrics["mbpp_pass_at_1"]
 
 

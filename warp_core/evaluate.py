@@ -18,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,20 +157,6 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _responses(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    max_new_tokens: int,
-    batch_size: int,
-    on_batch: OnBatch,
-) -> list[str]:
-    """Greedy answers to the examples' prompts, decoded."""
-    prompts = [example.prompt for example in examples]
-    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
-    return [_decode(tokenizer, ids) for ids in generations]
-
-
 def _mean(flags: Sequence[bool]) -> float:
     if not flags:
         raise ValueError("cannot compute a rate over an empty evaluation set")
@@ -177,15 +164,13 @@ def _mean(flags: Sequence[bool]) -> float:
 
 
 def refusal_rate(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    max_new_tokens: int,
-    batch_size: int,
-    on_batch: OnBatch = None,
+    tokenizer: Any, prompts: Sequence[str], generations: Sequence[list[int]]
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Fraction of prompts refused under `REFUSAL_RULE`, with every response for inspection."""
-    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
+    """Fraction of prompts refused under `REFUSAL_RULE`, with every response for inspection.
+
+    `generations` are the greedy continuations of `prompts`, from `generate` with at most
+    `eval.max_new_tokens` new tokens.
+    """
     samples = [
         {
             "prompt": prompt,
@@ -249,30 +234,15 @@ def gsm8k_final_answer(text: str) -> str | None:
     return None
 
 
-def gsm8k_accuracy(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    max_new_tokens: int,
-    batch_size: int,
-    on_batch: OnBatch = None,
-) -> tuple[float, list[dict[str, Any]]]:
+def grade_gsm8k(example: Example, response: str) -> dict[str, Any]:
     """Exact match of the final number against `example.meta["answer"]`'s."""
-    samples = []
-    responses = _responses(model, tokenizer, examples, max_new_tokens, batch_size, on_batch)
-    for example, response in zip(examples, responses, strict=True):
-        prediction = gsm8k_final_answer(response)
-        reference = gsm8k_final_answer(example.meta["answer"])
-        samples.append(
-            {
-                "prompt": example.prompt,
-                "response": response,
-                "prediction": prediction,
-                "reference": reference,
-                "correct": prediction is not None and prediction == reference,
-            }
-        )
-    return _mean([sample["correct"] for sample in samples]), samples
+    prediction = gsm8k_final_answer(response)
+    reference = gsm8k_final_answer(example.meta["answer"])
+    return {
+        "prediction": prediction,
+        "reference": reference,
+        "correct": prediction is not None and prediction == reference,
+    }
 
 
 def extract_code(text: str) -> str:
@@ -345,32 +315,45 @@ def run_mbpp_tests(
     return all(_run_python(program + test + "\n", timeout_s) for test in tests)
 
 
-def mbpp_pass_at_1(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[Example],
-    max_new_tokens: int,
-    batch_size: int,
-    on_batch: OnBatch = None,
-) -> tuple[float, list[dict[str, Any]]]:
-    """Fraction of problems whose single greedy solution passes all of its tests."""
-    samples = []
-    responses = _responses(model, tokenizer, examples, max_new_tokens, batch_size, on_batch)
-    for example, response in zip(examples, responses, strict=True):
-        passed = run_mbpp_tests(
-            extract_code(response),
-            example.meta.get("test_setup_code", ""),
-            example.meta["test_list"],
-        )
-        samples.append({"prompt": example.prompt, "response": response, "passed": passed})
-    return _mean([sample["passed"] for sample in samples]), samples
+def grade_mbpp(example: Example, response: str) -> dict[str, Any]:
+    """Whether the code of the response passes all of the problem's tests (pass@1 of a
+    single greedy solution)."""
+    passed = run_mbpp_tests(
+        extract_code(response), example.meta.get("test_setup_code", ""), example.meta["test_list"]
+    )
+    return {"passed": passed}
 
 
-UTILITY_TASKS: dict[str, tuple[str, Callable[..., tuple[float, list[dict[str, Any]]]]]] = {
-    "gsm8k": ("gsm8k_accuracy", gsm8k_accuracy),
-    "mbpp": ("mbpp_pass_at_1", mbpp_pass_at_1),
+@dataclass(frozen=True)
+class UtilityTask:
+    """A utility preset's task checker: `grade` adds fields to a sample, among them
+    `verdict`, the flag whose mean is the metric `metric`."""
+
+    metric: str
+    grade: Callable[[Example, str], dict[str, Any]]
+    verdict: str
+
+
+UTILITY_TASKS: dict[str, UtilityTask] = {
+    "gsm8k": UtilityTask("gsm8k_accuracy", grade_gsm8k, "correct"),
+    "mbpp": UtilityTask("mbpp_pass_at_1", grade_mbpp, "passed"),
 }
-"""Utility presets with a task checker: the metric name and the function computing it."""
+"""Utility presets with a task checker."""
+
+
+def utility_score(
+    preset: str, tokenizer: Any, examples: Sequence[Example], generations: Sequence[list[int]]
+) -> tuple[float, list[dict[str, Any]]]:
+    """The preset's metric, with the graded samples; `generations` are the greedy answers to
+    the examples' prompts, from `generate`."""
+    task = UTILITY_TASKS[preset]
+    samples = []
+    for example, ids in zip(examples, generations, strict=True):
+        response = _decode(tokenizer, ids)
+        samples.append(
+            {"prompt": example.prompt, "response": response, **task.grade(example, response)}
+        )
+    return _mean([sample[task.verdict] for sample in samples]), samples
 
 
 @contextmanager
@@ -402,9 +385,13 @@ def evaluate(
     is always reported because it is the only utility signal that moves on tiny models.
     """
 
+    def answers(examples: list[Example], max_new_tokens: int) -> list[list[int]]:
+        prompts = [example.prompt for example in examples]
+        return generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
+
     def refusals(examples: list[Example]) -> tuple[float, list[dict[str, Any]]]:
         prompts = [example.prompt for example in examples]
-        return refusal_rate(model, tokenizer, prompts, spec.max_new_tokens, batch_size, on_batch)
+        return refusal_rate(tokenizer, prompts, answers(examples, spec.max_new_tokens))
 
     with _eval_mode(model):
         refusal, harmful_samples = refusals(harmful)
@@ -418,9 +405,8 @@ def evaluate(
         }
         utility_samples: list[dict[str, Any]] = []
         if utility_preset in UTILITY_TASKS:
-            name, task = UTILITY_TASKS[utility_preset]
-            metrics[name], utility_samples = task(
-                model, tokenizer, utility, spec.utility_max_new_tokens, batch_size, on_batch
-            )
+            generations = answers(utility, spec.utility_max_new_tokens)
+            score, utility_samples = utility_score(utility_preset, tokenizer, utility, generations)
+            metrics[UTILITY_TASKS[utility_preset].metric] = score
     samples = {"harmful": harmful_samples, "benign": benign_samples, "utility": utility_samples}
     return metrics, samples

@@ -35,7 +35,7 @@ from warp_core.data import (
     encode_prompt,
     pad_token_id,
 )
-from warp_core.evaluate import refusal_rate, response_loss
+from warp_core.evaluate import generate, refusal_rate, response_loss
 from warp_core.export import write_json
 from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.spec import JobSpec
@@ -473,14 +473,17 @@ def _check(
     config: ToyConfig,
 ) -> dict[str, float]:
     """The aligned model's held-out refusal and over-refusal rates, under the job's rule."""
-    prompts = {name: [ex.prompt for ex in files[name]] for name in files}
-    max_new = JOB_EVAL["max_new_tokens"]
-    refusal, _ = refusal_rate(model, tokenizer, prompts["eval-harmful.jsonl"], max_new, 64)
-    over, _ = refusal_rate(model, tokenizer, prompts["eval-benign.jsonl"], max_new, 64)
+
+    def refused(name: str) -> float:
+        prompts = [ex.prompt for ex in files[name]]
+        answers = generate(model, tokenizer, prompts, JOB_EVAL["max_new_tokens"], 64)
+        return refusal_rate(tokenizer, prompts, answers)[0]
+
+    refusal, over_refusal = refused("eval-harmful.jsonl"), refused("eval-benign.jsonl")
     loss = response_loss(model, tokenizer, files["eval-utility.jsonl"], config.max_length, 64)
     return {
         "refusal_rate": refusal,
-        "over_refusal_rate": over,
+        "over_refusal_rate": over_refusal,
         "utility_loss": round(loss, 4),
     }
 
