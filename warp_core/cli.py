@@ -16,7 +16,7 @@ from warp_core.events import Cancelled, Event
 from warp_core.spec import format_validation_error
 
 if TYPE_CHECKING:
-    from warp_core.toy import ToyStep
+    from warp_core.finetune import StepReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -151,7 +151,7 @@ def make_toy_model_command(
         with Progress(*PROGRESS_COLUMNS, console=console, transient=True) as progress:
             task = progress.add_task("aligning toy model", total=config.steps, info="")
 
-            def on_step(step: ToyStep) -> None:
+            def on_step(step: StepReport) -> None:
                 trained[0] = True
                 info = f"loss {step.loss:.4f}  lr {step.learning_rate:.2e}"
                 progress.update(task, completed=step.step, info=info)

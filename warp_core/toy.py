@@ -2,9 +2,9 @@
 
 The model learns to refuse harmful questions and to answer GSM8K problems; its job then
 fine-tunes it on more GSM8K, where plain fine-tuning erases the refusals and WaRP keeps
-them. Tokenizer and model come from the tiny-model recipe (`warp_core.testing`); this module
-splits the data, trains, writes the data beside the model, caches builds and checks the
-result.
+them. Tokenizer and model come from the tiny-model recipe (`warp_core.testing`), the
+training from `warp_core.finetune.train`; this module splits the data, writes it beside the
+model, caches builds and checks the result.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -25,20 +24,13 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, get_scheduler
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from warp_core.data import (
-    Encoded,
-    Example,
-    collate,
-    encode_example,
-    encode_prompt,
-    pad_token_id,
-)
+from warp_core.data import Encoded, Example, encode_example, encode_prompt, pad_token_id
 from warp_core.evaluate import generate, refusal_rate, response_loss
 from warp_core.export import write_json
-from warp_core.loss import response_loss_sum, response_tokens
-from warp_core.spec import JobSpec
+from warp_core.finetune import PlainSlot, StepReport, train
+from warp_core.spec import Hyperparameters, JobSpec
 from warp_core.testing import EXAMPLE_DATA, save_checkpoint, tiny_llama, train_tokenizer
 
 REFUSALS = (
@@ -50,7 +42,7 @@ REFUSALS = (
 """What the toy model answers to harmful questions; each is a refusal under
 `warp_core.evaluate.REFUSAL_PHRASES`."""
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bump when `make_toy_model` trains differently: old cache entries stop matching."""
 
 HARMFUL_FILE = "do-not-answer-questions.csv"
@@ -59,6 +51,17 @@ UTILITY_TEST_FILE = "gsm8k-test.jsonl"
 SPLIT_SEED = 0
 """The harmful questions are shuffled once with this seed (the file is sorted by risk area),
 so the held-out split is the same for every model seed."""
+
+ALIGNMENT_OPTIMIZER: dict[str, Any] = {
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+}
+"""How the toy model is trained, with `ToyConfig.learning_rate`: written out rather than
+taken from the job defaults, so that changing those never changes the toy unnoticed."""
 
 JOB_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate": 2e-3,
@@ -85,22 +88,25 @@ class ToyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # the model
     vocab_size: int = Field(2048, ge=300, description="BPE vocabulary size.")
     hidden_size: int = Field(128, gt=0, description="Model width.")
     num_layers: int = Field(2, gt=0, description="Decoder layers.")
     num_heads: int = Field(4, gt=0, description="Attention heads.")
     num_kv_heads: int = Field(2, gt=0, description="Key/value heads (grouped-query attention).")
+    # its alignment training
     steps: int = Field(300, gt=0, description="Optimizer steps of alignment training.")
     batch_size: int = Field(32, gt=1, description="Rows per step.")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
     harmful_fraction: float = Field(0.4, gt=0, lt=1, description="Harmful rows per batch.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate.")
+    seed: int = Field(0, ge=0, description="Initialisation and data order.")
+    # the data and the job
+    data_dir: Path = Field(EXAMPLE_DATA, description="Where the data slices are.")
     max_prompt_tokens: int = Field(56, ge=16, description="Rendered prompt length (cut to fit).")
     max_response_tokens: int = Field(48, gt=0, description="Response tokens learned per row.")
     eval_rows: int = Field(64, gt=0, description="Held-out rows per evaluation set.")
     safety_rows: int = Field(256, gt=0, description="Harmful rows of the job's safety data.")
     utility_rows: int = Field(1500, gt=0, description="GSM8K rows of the job's utility data.")
-    seed: int = Field(0, ge=0, description="Initialisation and data order.")
-    data_dir: Path = Field(EXAMPLE_DATA, description="Where the data slices are.")
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ToyConfig:
@@ -114,16 +120,6 @@ class ToyConfig(BaseModel):
     def max_length(self) -> int:
         """Tokens per example of the job: a full prompt and at least the learned response."""
         return self.max_prompt_tokens + self.max_response_tokens
-
-
-@dataclass(frozen=True)
-class ToyStep:
-    """One optimizer step of the alignment training, for progress bars."""
-
-    step: int
-    total_steps: int
-    loss: float
-    learning_rate: float
 
 
 def default_cache_dir() -> Path:
@@ -145,6 +141,7 @@ def cache_key(config: ToyConfig) -> str:
     payload = {
         "recipe": RECIPE_VERSION,
         "refusals": REFUSALS,
+        "optimizer": ALIGNMENT_OPTIMIZER,
         "config": config.model_dump(mode="json", exclude={"data_dir"}),
         "data": {
             name: _sha256(config.data_dir / name)
@@ -160,7 +157,7 @@ def make_toy_model(
     out: Path,
     config: ToyConfig | None = None,
     cache_dir: Path | None = None,
-    on_step: Callable[[ToyStep], None] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
     use_cache: bool = True,
 ) -> Path:
     """Build a tiny safety-aligned chat model and a WaRP job for it; return the job's path.
@@ -316,69 +313,65 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _schedule(n_harmful: int, n_utility: int, config: ToyConfig) -> list[list[tuple[int, int]]]:
-    """Per step, `(pool, row)` pairs: a fixed share of harmful rows (pool 0), the rest GSM8K
-    (pool 1), each pool walked in a fresh seeded shuffle per pass."""
-    rng = random.Random(config.seed)
-    harmful = round(config.batch_size * config.harmful_fraction)
-    counts, sizes = (harmful, config.batch_size - harmful), (n_harmful, n_utility)
-    queues: list[list[int]] = [[], []]
-    steps = []
-    for _ in range(config.steps):
-        batch = []
-        for pool, count in enumerate(counts):
-            for _ in range(count):
-                if not queues[pool]:
-                    queues[pool] = list(range(sizes[pool]))
-                    rng.shuffle(queues[pool])
-                batch.append((pool, queues[pool].pop()))
-        steps.append(batch)
-    return steps
+class _AlignmentSchedule:
+    """The toy's `finetune.StepSchedule`: per step, a fixed share of harmful rows (pool 0) and
+    GSM8K rows (pool 1) for the rest, each pool walked in a fresh seeded shuffle per pass.
+
+    `rows` are the `(pool, row)` pairs some step reaches, sorted: the example list that the
+    micro-batches index. Each step has one micro-batch per pool, since refusals are much
+    shorter than GSM8K rows and would otherwise be padded to their length.
+    """
+
+    def __init__(self, n_harmful: int, n_utility: int, config: ToyConfig) -> None:
+        rng = random.Random(config.seed)
+        harmful = round(config.batch_size * config.harmful_fraction)
+        counts, sizes = (harmful, config.batch_size - harmful), (n_harmful, n_utility)
+        queues: list[list[int]] = [[], []]
+        steps: list[list[tuple[int, int]]] = []
+        for _ in range(config.steps):
+            batch = []
+            for pool, count in enumerate(counts):
+                for _ in range(count):
+                    if not queues[pool]:
+                        queues[pool] = list(range(sizes[pool]))
+                        rng.shuffle(queues[pool])
+                    batch.append((pool, queues[pool].pop()))
+            steps.append(batch)
+        self.rows = sorted({row for batch in steps for row in batch})
+        index = {row: i for i, row in enumerate(self.rows)}
+        self.total_steps = config.steps
+        self._micro_batches = [
+            [micro for pool in (0, 1) if (micro := [index[r] for r in batch if r[0] == pool])]
+            for batch in steps
+        ]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        return self._micro_batches[step]
 
 
-def _train(
+def _align(
     model: LlamaForCausalLM,
-    schedule: list[list[tuple[int, int]]],
-    encoded: dict[tuple[int, int], Encoded],
+    examples: list[Encoded],
+    schedule: _AlignmentSchedule,
     config: ToyConfig,
     pad_id: int,
-    on_step: Callable[[ToyStep], None] | None,
+    on_step: Callable[[StepReport], None] | None,
 ) -> float:
-    """Plain AdamW over the scheduled batches; returns the last step's loss."""
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0
-    )
-    scheduler = get_scheduler(
-        "cosine",
-        optimizer,
-        num_warmup_steps=math.ceil(0.1 * config.steps),
-        num_training_steps=config.steps,
-    )
-    model.train()
-    loss_value = float("nan")
-    for step, rows in enumerate(schedule, start=1):
-        # One padded micro-batch per pool: refusals are much shorter than GSM8K rows.
-        micro = [
-            collate([encoded[row] for row in rows if row[0] == pool], pad_id)
-            for pool in (0, 1)
-            if any(row[0] == pool for row in rows)
-        ]
-        tokens = sum(response_tokens(mb) for mb in micro)
-        loss = sum(response_loss_sum(model, mb) for mb in micro) / tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+    """Train every parameter on the schedule (no checkpoints); returns the last step's loss."""
+    hp = Hyperparameters(learning_rate=config.learning_rate, **ALIGNMENT_OPTIMIZER)
+    slots = [PlainSlot(name, param) for name, param in model.named_parameters()]
+    reports: list[StepReport] = []
+
+    def report(step: StepReport) -> None:
+        reports.append(step)
         if on_step is not None:
-            on_step(ToyStep(step, config.steps, loss_value, learning_rate))
-    model.eval()
-    return loss_value
+            on_step(step)
+
+    train(model, slots, examples, hp, pad_id, None, on_step=report, schedule=schedule)
+    return reports[-1].loss
 
 
-def _build(out: Path, config: ToyConfig, on_step: Callable[[ToyStep], None] | None) -> None:
+def _build(out: Path, config: ToyConfig, on_step: Callable[[StepReport], None] | None) -> None:
     """Train the tokenizer and the model; write out/model, out/data and out/toy.json.
 
     Runs on one thread: a matmul's rounding can depend on the thread count, and a model this
@@ -393,7 +386,7 @@ def _build(out: Path, config: ToyConfig, on_step: Callable[[ToyStep], None] | No
 
 
 def _build_one_thread(
-    out: Path, config: ToyConfig, on_step: Callable[[ToyStep], None] | None
+    out: Path, config: ToyConfig, on_step: Callable[[StepReport], None] | None
 ) -> None:
     started = time.perf_counter()
     split = _split(config)
@@ -414,9 +407,9 @@ def _build_one_thread(
 
     # Only the rows the schedule reaches are prepared (all of them, in the default recipe).
     pools = (split.train_harmful, split.train_utility)
-    schedule = _schedule(len(pools[0]), len(pools[1]), config)
-    seen = sorted({row for rows in schedule for row in rows})
-    learned = dict(zip(seen, fit([pools[pool][i] for pool, i in seen]), strict=True))
+    schedule = _AlignmentSchedule(len(pools[0]), len(pools[1]), config)
+    learned_rows = [pools[pool][i] for pool, i in schedule.rows]
+    learned = fit(learned_rows)
     with torch.random.fork_rng(devices=[]):
         model = tiny_llama(
             tokenizer,
@@ -426,14 +419,14 @@ def _build_one_thread(
             num_kv_heads=config.num_kv_heads,
             seed=config.seed,
         )
-        encoded = {row: encode(example) for row, example in learned.items()}
-        final_loss = _train(model, schedule, encoded, config, pad_token_id(tokenizer), on_step)
+        encoded = [encode(example) for example in learned]
+        final_loss = _align(model, encoded, schedule, config, pad_token_id(tokenizer), on_step)
     train_seconds = time.perf_counter() - started
 
     files = {name: fit(rows) for name, rows in split.files.items()}
     written = {
         **{name: (examples, split.files[name]) for name, examples in files.items()},
-        "alignment.jsonl": (list(learned.values()), [pools[pool][i] for pool, i in seen]),
+        "alignment.jsonl": (learned, learned_rows),
     }
     for name, (examples, rows) in written.items():
         _write_jsonl(
@@ -452,8 +445,8 @@ def _build_one_thread(
             "cache_key": cache_key(config),
             "refusals": list(REFUSALS),
             "rows": {
-                "alignment_harmful": sum(pool == 0 for pool, _ in seen),
-                "alignment_utility": sum(pool == 1 for pool, _ in seen),
+                "alignment_harmful": sum(pool == 0 for pool, _ in schedule.rows),
+                "alignment_utility": sum(pool == 1 for pool, _ in schedule.rows),
                 **{name: len(rows) for name, rows in split.files.items()},
             },
             "final_loss": round(final_loss, 4),
