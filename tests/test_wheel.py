@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import site
+import sqlite3
 import subprocess
 import sys
 import venv
@@ -22,14 +24,18 @@ import pytest
 
 from client.embedded import free_port, wait_ready
 from tests.helpers import REPO
+from tests.test_migrations import HEAD
 
 pytestmark = pytest.mark.slow
+NOT_SOURCES = (".git", ".venv", ".warp", "build", "dist", "*.egg-info", "__pycache__", "runs")
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     """The `bin/` of a fresh venv holding the wheel of this tree."""
     root = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    source = shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(*NOT_SOURCES))
     build = subprocess.run(
         [
             sys.executable,
@@ -40,7 +46,7 @@ def installed(tmp_path_factory) -> Path:
             "--no-build-isolation",
             "-w",
             str(root / "dist"),
-            str(REPO),
+            str(source),
         ],
         capture_output=True,
         text=True,
@@ -116,7 +122,8 @@ def test_make_toy_model_and_a_short_run_from_an_empty_directory(installed, tmp_p
 
 def test_embedded_mode_migrates_its_database_from_the_package(installed, tmp_path):
     run(installed, tmp_path, "warp", "admin", "migrate", env={"WARP_HOME": str(tmp_path / "home")})
-    assert (tmp_path / "home" / "warp.db").is_file()
+    db = sqlite3.connect(tmp_path / "home" / "warp.db")
+    assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
 
 
 def test_warp_serve_starts_the_embedded_service_from_an_empty_directory(installed, tmp_path):

@@ -21,6 +21,7 @@ def run_migrations_online() -> None:
             # A batch migration rebuilds a SQLite table by dropping it: with foreign keys on,
             # the drop would cascade to the rows that reference it (job events).
             connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()  # end the autobegun transaction: Alembic begins its own
         context.configure(
             connection=connection,
             target_metadata=Base.metadata,
@@ -31,6 +32,7 @@ def run_migrations_online() -> None:
             context.run_migrations()
         if sqlite:
             connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+            connection.commit()
 
 
 def run_migrations_offline() -> None:
