@@ -45,7 +45,6 @@ from phase_common import (
     markdown_table,
     memory_mib,
     model_size,
-    reset_peak,
     run_child,
     safety_examples,
 )
@@ -53,6 +52,7 @@ from phase_common import (
 from warp_core.basis import build_bases
 from warp_core.data import batches, encode_examples, pad_token_id
 from warp_core.importance import importance_scores, masks_from_importance
+from warp_core.memory import reset_peak
 from warp_core.model import find_targets
 from warp_core.spec import DEFAULT_TARGET_MODULES, Hyperparameters
 from warp_core.testing import tiny_tokenizer

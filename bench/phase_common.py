@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from warp_core.data import Example, load_examples
+from warp_core.memory import resident_bytes
 from warp_core.spec import DatasetRef
 from warp_core.testing import SAFETY_SLICE, UTILITY_SLICE, tiny_llama
 
@@ -110,22 +111,8 @@ def build_model(tokenizer: PreTrainedTokenizerFast, size: ModelSize) -> LlamaFor
 
 def memory_mib() -> dict[str, float]:
     """This process's resident memory now (`rss`) and its peak so far (`peak`), in MiB."""
-    status = Path("/proc/self/status").read_text()
-
-    def field(name: str) -> float:
-        match = re.search(rf"^{name}:\s+(\d+) kB", status, re.MULTILINE)
-        return int(match.group(1)) / 1024 if match else float("nan")
-
-    return {"rss": field("VmRSS"), "peak": field("VmHWM")}
-
-
-def reset_peak() -> bool:
-    """Reset this process's peak RSS to its current RSS (Linux `clear_refs` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+    now = resident_bytes() or {"rss": float("nan"), "peak": float("nan")}
+    return {name: value / 2**20 for name, value in now.items()}
 
 
 def exit_on_sigterm() -> None:

@@ -60,6 +60,8 @@ def test_metrics_report_before_and_after(finished):
     assert "first 32 generated tokens" in metrics["refusal_rule"]
     assert set(metrics["timings"]) == {"basis", "importance", "finetune", "evaluate"}
     assert all(seconds > 0 for seconds in metrics["timings"].values())
+    assert set(metrics["memory"]) == set(metrics["timings"]) and metrics["world_size"] == 1
+    assert all(isinstance(peak, int) and peak >= 0 for peak in metrics["memory"].values())
     spectrum = metrics["spectrum"]
     assert set(spectrum) == set(load_file(pipeline.out / "warp" / "basis.safetensors"))
     assert all(0 < s["directions_90"] <= s["dim"] for s in spectrum.values())
@@ -118,10 +120,11 @@ def test_a_cancelled_job_resumes_without_redoing_finished_phases(model_dir, tmp_
     with pytest.raises(Cancelled):
         run(spec, tmp_path, should_stop=lambda: (tmp_path / "warp" / "basis.safetensors").exists())
     events = []
-    run(spec, tmp_path, on_event=events.append)
+    metrics = run(spec, tmp_path, on_event=events.append)
     started = [e.phase for e in events if e.kind == "phase_started"]
     assert started == ["importance", "finetune"]
     assert (tmp_path / "model" / "model.safetensors").exists()
+    assert metrics["memory"]["basis"] is not None, "measured by the first call, kept"
 
 
 def test_an_output_directory_belongs_to_one_spec(model_dir, tmp_path):
@@ -134,6 +137,7 @@ def test_plain_fine_tuning_writes_no_warp_artifacts(model_dir, tmp_path):
     metrics = run(make_spec(model_dir, method="full", max_steps=2), tmp_path)
     assert not (tmp_path / "warp").exists()
     assert metrics["spectrum"] == {} and metrics["timings"]["basis"] == 0.0
+    assert metrics["memory"]["basis"] is None and metrics["memory"]["finetune"] is not None
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 

@@ -12,6 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def world_size() -> int:
+    """How many processes run this job: 1 unless torch.distributed is initialised."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """The job's device: the one asked for, else the first CUDA device, else the CPU."""
     if device:

@@ -33,6 +33,7 @@ from warp_core.export import (
 )
 from warp_core.finetune import Checkpoint, PlainSlot, RotatedSlot, Slot, StepReport, train
 from warp_core.importance import importance_scores, masks_from_importance, random_scores
+from warp_core.memory import PeakMemory
 from warp_core.model import (
     find_targets,
     load_model,
@@ -40,6 +41,7 @@ from warp_core.model import (
     resolve_dtype,
     set_trainable,
     untie_lm_head,
+    world_size,
 )
 from warp_core.report import write_report
 from warp_core.spec import JobSpec
@@ -57,21 +59,24 @@ STAGES: dict[str, tuple[str, float]] = {
 
 
 class RunState:
-    """`state.json`: which stages are complete and how long each took."""
+    """`state.json`: which stages are complete, how long each took and its peak memory."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         saved = read_json(path) if path.exists() else {}
         self.completed: list[str] = saved.get("completed", [])
         self.timings: dict[str, float] = saved.get("timings", {})
+        self.memory: dict[str, int | None] = saved.get("memory", {})
 
     def done(self, stage: str) -> bool:
         return stage in self.completed
 
-    def complete(self, stage: str, seconds: float) -> None:
+    def complete(self, stage: str, seconds: float, peak_bytes: int | None) -> None:
         self.completed.append(stage)
         self.timings[stage] = round(seconds, 3)
-        write_json(self.path, {"completed": self.completed, "timings": self.timings})
+        self.memory[stage] = peak_bytes
+        state = {"completed": self.completed, "timings": self.timings, "memory": self.memory}
+        write_json(self.path, state)
 
 
 class Pipeline:
@@ -138,10 +143,12 @@ class Pipeline:
         which = {"stage": name.removeprefix("evaluate_")} if name.startswith("evaluate") else {}
         self.emit("phase_started", **which)
         self.check_stop()
+        _ = self.loaded  # loaded before the phase's memory is measured, not counted in it
         started = time.perf_counter()
-        work()
+        with PeakMemory(self.device) as peak:
+            work()
         seconds = time.perf_counter() - started
-        self.state.complete(name, seconds)
+        self.state.complete(name, seconds, peak.bytes)
         self.emit("phase_finished", seconds=round(seconds, 3), fraction=self.fraction(), **which)
 
     # -- inputs ----------------------------------------------------------------------------
@@ -316,7 +323,7 @@ class Pipeline:
             path = self.out / "eval" / f"{which}.json"
             return read_json(path)["metrics"] if path.exists() else None
 
-        timings = self.state.timings
+        timings, memory = self.state.timings, self.state.memory
         spectrum_path = self.out / "warp" / "spectrum.json"
         return {
             "method": self.spec.method,
@@ -331,9 +338,21 @@ class Pipeline:
                     timings.get("evaluate_before", 0.0) + timings.get("evaluate_after", 0.0), 3
                 ),
             },
+            "memory": {
+                "basis": _peak(memory, "basis"),
+                "importance": _peak(memory, "importance"),
+                "finetune": _peak(memory, "finetune"),
+                "evaluate": _peak(memory, "evaluate_before", "evaluate_after"),
+            },
+            "world_size": world_size(),
             "training": read_json(self.out / "training.json"),
             "spectrum": read_json(spectrum_path) if spectrum_path.exists() else {},
         }
+
+
+def _peak(memory: dict[str, int | None], *stages: str) -> int | None:
+    """The largest peak measured among `stages` (bytes), None if none was."""
+    return max((memory[s] for s in stages if memory.get(s) is not None), default=None)
 
 
 def run(

@@ -1,0 +1,67 @@
+"""Peak memory of one stretch of a job (a phase), the figure `metrics.json` reports.
+
+On CUDA it is `torch.cuda.max_memory_allocated` over the stretch (the peak statistics are
+reset when it begins). On the CPU it is the rise of the process's peak resident memory
+(`VmHWM`, reset when the stretch begins through `/proc/self/clear_refs`) over its resident
+memory (`VmRSS`) at that moment; memory the allocator kept from an earlier stretch and hands
+out again is resident already, so a CPU figure can be lower than what the stretch's tensors
+took. Linux only on the CPU: elsewhere the figure is None.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def resident_bytes() -> dict[str, int] | None:
+    """This process's resident memory now (`rss`) and its peak since the last reset
+    (`peak`), in bytes; None where /proc is not there."""
+    try:
+        status = STATUS.read_text()
+    except OSError:
+        return None
+    fields = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE))
+    return {"rss": int(fields["VmRSS"]) * 1024, "peak": int(fields["VmHWM"]) * 1024}
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak resident memory to its current one (Linux `clear_refs` 5)."""
+    try:
+        CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as peak: work()`; then `peak.bytes` (None if unmeasurable)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.bytes: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif reset_peak() and (now := resident_bytes()) is not None:
+            self._start = now["rss"]
+        return self
+
+    def __exit__(
+        self,
+        _type: type[BaseException] | None,
+        _value: BaseException | None,
+        _traceback: TracebackType | None,
+    ) -> None:
+        if self.device.type == "cuda":
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._start is not None and (now := resident_bytes()) is not None:
+            self.bytes = max(0, now["peak"] - self._start)
