@@ -3,13 +3,17 @@
 On CUDA it is `torch.cuda.max_memory_allocated` over the stretch (the peak statistics are
 reset when it begins). On the CPU it is the rise of the process's peak resident memory
 (`VmHWM`, reset when the stretch begins through `/proc/self/clear_refs`) over its resident
-memory (`VmRSS`) at that moment; memory the allocator kept from an earlier stretch and hands
-out again is resident already, so a CPU figure can be lower than what the stretch's tensors
-took. Linux only on the CPU: elsewhere the figure is None.
+memory (`VmRSS`) at that moment. Before that, free memory the C allocator still holds from
+earlier stretches is given back (`malloc_trim`): handed out again, it would be resident
+already and the stretch would look smaller than it is. Linux only on the CPU: elsewhere the
+figure is None.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +33,14 @@ def resident_bytes() -> dict[str, int] | None:
         return None
     fields = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE))
     return {"rss": int(fields["VmRSS"]) * 1024, "peak": int(fields["VmHWM"]) * 1024}
+
+
+def release_free_memory() -> None:
+    """Give free heap memory back to the system (glibc's `malloc_trim`; a no-op elsewhere)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(trim := ctypes.CDLL(libc), "malloc_trim"):
+        trim.malloc_trim(0)
 
 
 def reset_peak() -> bool:
@@ -51,7 +63,9 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif reset_peak() and (now := resident_bytes()) is not None:
+            return self
+        release_free_memory()
+        if reset_peak() and (now := resident_bytes()) is not None:
             self._start = now["rss"]
         return self
 

@@ -1,0 +1,85 @@
+"""Phase 3 peak memory of WaRP against plain fine-tuning, per target parameter, in bf16.
+
+What a user's job reports: each arm is a real `warp run` (its own process) of the same spec
+on the same random tiny Llama (`warp_core.testing`), and the figure is `metrics.json`'s
+`memory.finetune`: the rise of the process's peak RSS over its RSS when Phase 3 began, the
+model already loaded (see `warp_core.memory`). Targets are the seven projections of every
+decoder layer (lm_head excluded, as in issue 11's measurement), the dtype bfloat16, which
+runs on the CPU and holds what a GPU would hold, evaluation off, two optimizer steps.
+
+Run from the repository root: `.venv/bin/python bench/phase3_memory.py` (about a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from warp_core.testing import example_job, save_checkpoint, tiny_llama, tiny_tokenizer
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def spec_for(model_dir: Path, method: str, ns: argparse.Namespace) -> dict:
+    spec = example_job(str(model_dir)).model_dump(mode="json")
+    spec["method"] = method
+    spec["safety_data"]["limit"] = 32
+    spec["eval"] = {"enabled": False}
+    spec["hyperparameters"] |= {
+        "dtype": "bfloat16",
+        "target_modules": PROJECTIONS,
+        "max_steps": ns.steps,
+        "batch_size": ns.batch_size,
+        "grad_accum_steps": 1,
+        "max_length": ns.max_length,
+        "checkpoint_every": 1000,
+        "basis_batch_size": 8,
+    }
+    return spec
+
+
+def finetune_peak(spec: dict, work: Path) -> int:
+    """`memory.finetune` of a `warp run` of `spec` in a fresh process."""
+    (work / "spec.json").write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "warp_core", "run", "spec.json", "--out", "out", "--json"]
+    subprocess.run(command, cwd=work, check=True, capture_output=True)
+    return json.loads((work / "out" / "metrics.json").read_text())["memory"]["finetune"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    ns = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="warp-phase3-memory-") as scratch:
+        root = Path(scratch)
+        tokenizer = tiny_tokenizer()
+        model = tiny_llama(tokenizer, hidden_size=ns.hidden, num_layers=ns.layers)
+        targets = sum(
+            module.weight.numel()
+            for name, module in model.named_modules()
+            if name.rsplit(".", 1)[-1] in PROJECTIONS
+        )
+        model_dir = save_checkpoint(model, tokenizer, root / "model")
+        peaks = {}
+        for method in ("full", "warp"):
+            (root / method).mkdir()
+            peaks[method] = finetune_peak(spec_for(model_dir, method, ns), root / method)
+    print(f"hidden {ns.hidden}, {ns.layers} layers, {targets:,} target parameters, bf16,")
+    print(f"{ns.steps} steps of {ns.batch_size} x <= {ns.max_length} tokens")
+    print("| method | Phase 3 peak MiB | bytes per target parameter |")
+    print("| --- | --- | --- |")
+    for method, peak in peaks.items():
+        print(f"| {method} | {peak / 2**20:.1f} | {peak / targets:.1f} |")
+    print(f"warp / full: {peaks['warp'] / peaks['full']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
