@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from warp_core import bits
 from warp_core.data import Encoded, collate, epoch_order
 from warp_core.files import replacing
 from warp_core.loss import response_loss_sum, response_tokens
@@ -41,7 +42,11 @@ class Slot(Protocol):
 
 
 class RotatedSlot:
-    """A target weight trained through its rotated delta: `W = W0 + dC U^T`."""
+    """A target weight trained through its rotated delta: `W = W0 + dC U^T`.
+
+    Its mask (True = frozen) is kept bit-packed and expanded only while its gradient is
+    masked, so the masks of all targets cost 1 bit per coefficient, not 1 byte.
+    """
 
     def __init__(
         self, name: str, weight: nn.Parameter, basis: torch.Tensor, frozen: torch.Tensor | None
@@ -49,14 +54,14 @@ class RotatedSlot:
         self.name = name
         self.weight = weight
         self.basis = basis
-        self.frozen = frozen
+        self.frozen_bits = None if frozen is None else bits.pack(frozen)
         self.base = weight.detach().clone()
         self.master = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
 
     def load_grad(self) -> None:
         grad = self.weight.grad.float() @ self.basis
-        if self.frozen is not None:
-            grad.masked_fill_(self.frozen, 0.0)
+        if self.frozen_bits is not None:
+            grad.masked_fill_(bits.unpack(self.frozen_bits, grad.shape), 0.0)
         self.master.grad = grad
         self.weight.grad = None  # one gradient per target alive at a time, not two
 

@@ -247,8 +247,11 @@ class Pipeline:
         if self.spec.method == "warp":
             bases = self.bases()
             masks = load_masks(self.out / "warp", self.device) if self.hp.keep_ratio else {}
+            # pop: each bool mask is freed once its slot holds it packed
             slots += [
-                RotatedSlot(t.param_name, t.weight, bases.for_target(t), masks.get(t.param_name))
+                RotatedSlot(
+                    t.param_name, t.weight, bases.for_target(t), masks.pop(t.param_name, None)
+                )
                 for t in self.targets
             ]
         else:
