@@ -38,6 +38,7 @@ def spec_for(model_dir: Path, method: str, ns: argparse.Namespace) -> dict:
         "max_length": ns.max_length,
         "checkpoint_every": 1000,
         "basis_batch_size": 8,
+        "gradient_checkpointing": ns.gradient_checkpointing,
     }
     return spec
 
@@ -57,6 +58,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations (the default on CUDA; off on the CPU unless asked)",
+    )
     ns = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="warp-phase3-memory-") as scratch:
         root = Path(scratch)
@@ -73,7 +79,8 @@ def main() -> None:
             (root / method).mkdir()
             peaks[method] = finetune_peak(spec_for(model_dir, method, ns), root / method)
     print(f"hidden {ns.hidden}, {ns.layers} layers, {targets:,} target parameters, bf16,")
-    print(f"{ns.steps} steps of {ns.batch_size} x <= {ns.max_length} tokens")
+    recompute = ", gradient checkpointing" if ns.gradient_checkpointing else ""
+    print(f"{ns.steps} steps of {ns.batch_size} x <= {ns.max_length} tokens{recompute}")
     print("| method | Phase 3 peak MiB | bytes per target parameter |")
     print("| --- | --- | --- |")
     for method, peak in peaks.items():

@@ -139,6 +139,29 @@ def test_training_is_deterministic_for_a_seed(model_dir, tmp_path):
         assert torch.equal(weight, final_weights(second)[name]), name
 
 
+def test_gradient_checkpointing_recomputes_and_reaches_the_same_weights(model_dir, tmp_path):
+    calls = {}
+
+    def trained(name: str, **hp) -> dict[str, torch.Tensor]:
+        pipeline = Pipeline(make_spec(model_dir, **hp), tmp_path / name)
+        mlp = pipeline.model.model.layers[0].mlp
+        forward = mlp.forward  # counted by wrapping: the recomputation runs no module hooks
+
+        def counted(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return forward(*args, **kwargs)
+
+        mlp.forward = counted
+        pipeline.run()
+        return final_weights(pipeline)
+
+    kept = trained("kept", gradient_checkpointing=False)
+    recomputed = trained("recomputed", gradient_checkpointing=True)
+    assert calls["recomputed"] > calls["kept"], "the layer ran again in the backward pass"
+    for name, weight in kept.items():
+        assert torch.equal(recomputed[name], weight), name
+
+
 def step_gradients(pipeline, batch_size: int, grad_accum_steps: int) -> dict[str, torch.Tensor]:
     """The accumulated target-weight gradients of optimizer step 0 for a given split."""
     hp = pipeline.hp.model_copy(

@@ -32,6 +32,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_gradient_checkpointing(setting: bool | str, device: torch.device) -> bool:
+    """`auto` recomputes activations on CUDA, where they dominate a 7B job's memory; on the
+    CPU memory is rarely the limit and the recomputation would only cost time."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, Any]:
     """Model and tokenizer through `from_pretrained`; remote code is never executed."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)

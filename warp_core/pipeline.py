@@ -39,6 +39,7 @@ from warp_core.model import (
     load_model,
     resolve_device,
     resolve_dtype,
+    resolve_gradient_checkpointing,
     set_trainable,
     untie_lm_head,
     world_size,
@@ -281,6 +282,9 @@ class Pipeline:
         checkpoint = Checkpoint(self.out / "checkpoints" / "finetune.pt")
         if checkpoint.path.exists():
             self.emit("log", message="fine-tuning resumes from its last checkpoint")
+        recompute = resolve_gradient_checkpointing(self.hp.gradient_checkpointing, self.device)
+        if recompute:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
         steps = train(
             self.model,
             self.slots(),
@@ -291,6 +295,8 @@ class Pipeline:
             on_step=report,
             check_stop=self.check_stop,
         )
+        if recompute:
+            self.model.activation_checkpointing_disable()
         for param in self.model.parameters():
             param.requires_grad_(False)
         save_model(self.model, self.tokenizer, self.out / "model")

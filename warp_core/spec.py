@@ -179,6 +179,12 @@ class Hyperparameters(_Strict):
     checkpoint_every: int = Field(
         50, gt=0, description="Save a resumable training checkpoint every N optimizer steps."
     )
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute each decoder layer's activations in the backward pass instead "
+        "of keeping them (less memory, about a third more compute); auto: on with CUDA, off "
+        "on the CPU.",
+    )
 
     @field_validator("target_modules")
     @classmethod
