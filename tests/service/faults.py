@@ -23,6 +23,8 @@ from tests.service.conftest import PG_SERVER, spawn
 QUEUE = "faults"
 LEASE_S = 2
 MAX_ATTEMPTS = 3
+RECLAIM_S = 2
+"""Events a killed API had read are taken over by the next one after this idle time."""
 
 
 class TcpProxy:
@@ -96,6 +98,7 @@ class FaultStack:
             "WARP_LEASE_S": str(LEASE_S),
             "WARP_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
             "WARP_CANCEL_POLL_S": "0.2",
+            "WARP_INGEST_RECLAIM_IDLE_MS": str(int(RECLAIM_S * 1000)),
             "WARP_AUTH_REQUIRED": "false",  # keys are tested elsewhere; faults here
         }
         self.redis: subprocess.Popen | None = None

@@ -17,7 +17,7 @@ import pytest
 from service.protocol import job_key
 from service.status import TERMINAL
 from tests.service.conftest import DATABASE, create_database, drop_database
-from tests.service.faults import LEASE_S, MAX_ATTEMPTS, QUEUE, FaultStack, wait
+from tests.service.faults import LEASE_S, MAX_ATTEMPTS, QUEUE, RECLAIM_S, FaultStack, wait
 
 PROGRESS = ("progress", "finetune")
 
@@ -66,10 +66,19 @@ def model_sha256(stack: FaultStack, job_id: str) -> str:
 
 
 def assert_gap_free(stack: FaultStack, job_id: str) -> list[dict]:
-    events = stack.events(job_id)
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    assert int(stack.client.get(job_key(job_id, "seq"))) == len(events)
-    return events
+    """Every event the job published is stored once, in `seq` order, none missing.
+
+    A batch a killed API had read but not stored stays pending in the stream until another
+    API reclaims it (after `WARP_INGEST_RECLAIM_IDLE_MS`), possibly after the job's last
+    event was stored: so this waits, a bounded time, for the whole sequence.
+    """
+
+    def complete() -> list[dict] | None:
+        events = stack.events(job_id)
+        published = int(stack.client.get(job_key(job_id, "seq")))
+        return events if [e["seq"] for e in events] == list(range(1, published + 1)) else None
+
+    return wait(complete, f"every event of job {job_id} to be stored", 20 * RECLAIM_S, 0.3)
 
 
 def assert_resumed_from_checkpoint(events: list[dict]) -> None:
