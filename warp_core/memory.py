@@ -15,6 +15,8 @@ import ctypes
 import ctypes.util
 import gc
 import re
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 from types import TracebackType
 
@@ -35,12 +37,18 @@ def resident_bytes() -> dict[str, int] | None:
     return {"rss": int(fields["VmRSS"]) * 1024, "peak": int(fields["VmHWM"]) * 1024}
 
 
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's `malloc_trim`, looked up once (`find_library` runs `ldconfig`); None elsewhere."""
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
 def release_free_memory() -> None:
     """Give free heap memory back to the system (glibc's `malloc_trim`; a no-op elsewhere)."""
     gc.collect()
-    libc = ctypes.util.find_library("c")
-    if libc and hasattr(trim := ctypes.CDLL(libc), "malloc_trim"):
-        trim.malloc_trim(0)
+    if trim := _malloc_trim():
+        trim(0)
 
 
 def reset_peak() -> bool:
