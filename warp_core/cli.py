@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -69,8 +70,25 @@ def run_command(
         str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: auto)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="Processes (one per GPU) to run the job in, through torchrun with the model "
+            "sharded by FSDP2 (default: the spec's resources.gpus).",
+        ),
+    ] = None,
+    events: Annotated[
+        Path | None,
+        typer.Option(help="Append every event, and each process's exit, as JSON lines."),
+    ] = None,
 ) -> None:
-    """Run a WaRP (or plain fine-tuning) job and write its artifacts to --out."""
+    """Run a WaRP (or plain fine-tuning) job and write its artifacts to --out.
+
+    SIGTERM or Ctrl-C stops it at its next step; the same command then resumes it.
+    """
+    from warp_core import launch
     from warp_core.pipeline import load_spec, run  # torch loads only when a job runs
 
     try:
@@ -81,16 +99,42 @@ def run_command(
     except (OSError, json.JSONDecodeError) as exc:
         console.print(f"[red]cannot read spec {spec_path}:[/red] {exc}")
         raise typer.Exit(2) from None
+    processes = nproc_per_node or spec.resources.gpus
+    if launch.under_torchrun():
+        launch.die_with_parent()
+    elif processes > 1:
+        launch.exec_torchrun(processes, sys.argv[1:])
+    stop = launch.StopSignal().install()
+    log = launch.EventLog(events) if events else None
+    main = launch.rank() == 0
     _quiet_libraries()
     try:
-        with Progress(*PROGRESS_COLUMNS, console=console) as progress:
-            metrics = run(spec, out, on_event=ProgressView(progress), device=device)
+        with Progress(*PROGRESS_COLUMNS, console=console, disable=not main) as progress:
+            view = ProgressView(progress)
+
+            def on_event(event: Event) -> None:
+                view(event)
+                if log:
+                    log.event(event)
+
+            metrics = run(spec, out, on_event=on_event, should_stop=stop.requested, device=device)
     except (KeyboardInterrupt, Cancelled):
-        console.print(f"[yellow]stopped; run the same command again to resume from {out}[/yellow]")
-        raise typer.Exit(130) from None
+        if log:
+            log.exit(processes, "cancelled")
+        if main:
+            resume = f"stopped; run the same command again to resume from {out}"
+            console.print(f"[yellow]{resume}[/yellow]")
+        raise typer.Exit(launch.EXIT_STOPPED) from None
     except Exception as exc:  # the CLI's job is to turn any failure into a message and a code
-        console.print(f"[red]job failed:[/red] {type(exc).__name__}: {exc}")
+        message = f"{type(exc).__name__}: {exc}"
+        if log:
+            log.exit(processes, "failed", message)
+        console.print(f"[red]job failed:[/red] {message}")
         raise typer.Exit(1) from None
+    if log:
+        log.exit(processes, "succeeded")
+    if not main:
+        return
     if as_json:
         print(json.dumps({"out": str(out), **metrics}))
     else:

@@ -185,6 +185,36 @@ class Hyperparameters(_Strict):
         "of keeping them (less memory, about a third more compute); auto: on with CUDA, off "
         "on the CPU.",
     )
+    gradient_rotation: Literal["auto", "weights", "activations"] = Field(
+        "auto",
+        description="How a target's rotated gradient G_W U is formed: from its accumulated "
+        "weight gradient (2 out in^2 FLOPs per step), from the activations of every token "
+        "(2 tokens in^2), or auto: whichever costs less, per target and step. Same result.",
+    )
+    keep_rotated_gradients: bool | Literal["auto"] = Field(
+        "auto",
+        description="Hold every target's rotated gradient from the clip-norm pass to its "
+        "update (faster), or form it again in the update (one more rotation per step, less "
+        "memory at the peak); auto: hold on the CPU, form again on CUDA.",
+    )
+    optimizer_state_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="AdamW moments in fp32, or bf16 (half their memory; the update is still "
+        "computed in fp32 and frozen coefficients have no state at all).",
+    )
+    offload: list[Literal["base_weights", "optimizer_state"]] = Field(
+        default_factory=list,
+        description="State kept in host memory and brought to the device one target at a "
+        "time: base_weights (WaRP's W0), optimizer_state (the trained deltas or fp32 masters "
+        "and their AdamW moments; the update then runs on the CPU).",
+    )
+
+    @field_validator("offload")
+    @classmethod
+    def _distinct_offloads(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError("offload has duplicates")
+        return names
 
     @field_validator("target_modules")
     @classmethod
@@ -194,6 +224,18 @@ class Hyperparameters(_Strict):
         if any(not n or "." in n for n in names):
             raise ValueError("target_modules are module names such as 'q_proj', not paths")
         return names
+
+
+class Resources(_Strict):
+    """What a job runs on."""
+
+    gpus: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes the job runs in, one per GPU (or per CPU process where there is "
+        "no GPU), launched by torchrun with the model sharded by FSDP2.",
+    )
 
 
 class JobSpec(_Strict):
@@ -209,6 +251,7 @@ class JobSpec(_Strict):
     utility_data: DatasetRef = Field(description="The task to learn (Phase 3).")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    resources: Resources = Field(default_factory=Resources)
 
     @field_validator("base_model")
     @classmethod
