@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Iterable
 from functools import cache
 
 import redis
@@ -14,24 +15,30 @@ from sqlalchemy import select
 from api.db import session_scope, utcnow
 from api.models import Job
 from service.celery_app import app as celery_app
-from service.config import settings
-from service.protocol import TASK
+from service.protocol import TASK, job_queue
+from warp_core.spec import Resources
 
 log = logging.getLogger(__name__)
 
 
+def queue_of(spec: dict) -> str:
+    """The queue of a stored job: the one of the GPU count it asks for (a spec stored before
+    specs had `resources` asks for one)."""
+    return job_queue(Resources.model_validate(spec.get("resources") or {}).gpus)
+
+
 def send(job_id: str, spec: dict) -> None:
-    """Put a job on the workers' queue. retry=False: fail fast when Redis is down; the
-    caller's loop tries again."""
+    """Put a job on the queue of the workers for its GPU count. retry=False: fail fast when
+    Redis is down; the caller's loop tries again."""
     celery_app.send_task(
-        TASK, args=[job_id, spec], task_id=job_id, queue=settings.queue, retry=False
+        TASK, args=[job_id, spec], task_id=job_id, queue=queue_of(spec), retry=False
     )
 
 
 @cache
 def _queue_keys(queue: str) -> tuple[str, ...]:
-    """The Redis lists holding the workers' queue, one per priority step (kombu's layout,
-    asked of kombu itself so an upgrade that changes it is followed)."""
+    """The Redis lists holding a queue, one per priority step (kombu's layout, asked of kombu
+    itself so an upgrade that changes it is followed)."""
     with celery_app.pool.acquire(block=True) as connection:
         channel = connection.default_channel
         return tuple(channel._q_for_pri(queue, p) for p in channel.priority_steps)
@@ -42,8 +49,8 @@ def message_job_id(raw: bytes) -> str:
     return json.loads(raw)["headers"]["id"]
 
 
-def waiting_job_ids(client: redis.Redis) -> set[str]:
-    """Ids of the jobs whose message waits in the queue, not yet taken by any worker.
+def waiting_job_ids(client: redis.Redis, queues: Iterable[str]) -> set[str]:
+    """Ids of the jobs whose message waits in one of `queues`, not yet taken by any worker.
 
     A message a worker has taken is gone from these lists (kombu's Redis transport pops it
     and records it as unacknowledged on the worker's side), so a job neither waiting here
@@ -51,8 +58,9 @@ def waiting_job_ids(client: redis.Redis) -> set[str]:
     on the way to a worker that died as Redis handed it over (kombu's BRPOP window).
     """
     with client.pipeline(transaction=True) as pipe:  # one consistent snapshot
-        for key in _queue_keys(settings.queue):
-            pipe.lrange(key, 0, -1)
+        for queue in sorted(set(queues)):
+            for key in _queue_keys(queue):
+                pipe.lrange(key, 0, -1)
         lists = pipe.execute()
     return {message_job_id(raw) for messages in lists for raw in messages}
 

@@ -15,8 +15,9 @@ from sqlalchemy import func, select, text
 
 from api.db import SessionLocal, engine
 from api.deps import get_redis
+from api.dispatch import queue_of
 from api.models import Job
-from service.config import settings
+from service.protocol import job_queue
 from service.status import STATUSES
 
 router = APIRouter(tags=["health"])
@@ -74,19 +75,28 @@ class ServiceCollector(Collector):
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         jobs = GaugeMetricFamily("warp_jobs", "Jobs by status", labels=["status"])
+        queues = {job_queue(1)}
         try:
             with SessionLocal() as session:
                 counts = dict(
                     session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
                 )
+                queued = session.scalars(select(Job.spec).where(Job.status == "queued"))
+                queues |= {queue_of(spec) for spec in queued}
             for status in STATUSES:
                 jobs.add_metric([status], counts.get(status, 0))
         except Exception:  # a scrape must not fail because one source is down
             pass
         yield jobs
-        depth = GaugeMetricFamily("warp_queue_depth", "Jobs waiting in the broker queue")
+        depth = GaugeMetricFamily(
+            "warp_queue_depth",
+            "Jobs waiting in the broker queue of their GPU count (the one-GPU queue, and the "
+            "queue of every queued job)",
+            labels=["queue"],
+        )
         with contextlib.suppress(Exception):  # as above
-            depth.add_metric([], get_redis().llen(settings.queue))
+            for queue in sorted(queues):
+                depth.add_metric([queue], get_redis().llen(queue))
         yield depth
 
 

@@ -30,7 +30,7 @@ import redis
 from sqlalchemy import and_, or_, select
 
 from api.db import session_scope
-from api.dispatch import send, waiting_job_ids
+from api.dispatch import queue_of, send, waiting_job_ids
 from api.models import Job
 from service.config import settings
 from service.protocol import DONE_TTL_S, EventPublisher, job_key
@@ -58,7 +58,7 @@ class Reaper:
             for job_id, since in self.missing_since.items()
             if job_id in {row.id for row in jobs}
         }
-        waiting = waiting_job_ids(self.client) if jobs else set()
+        waiting = waiting_job_ids(self.client, {queue_of(row.spec) for row in jobs})
         lost = []
         for job_id, status, spec in jobs:
             if job_id in waiting or self.client.exists(

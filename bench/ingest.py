@@ -10,13 +10,14 @@ until every event is in `job_events`. Reported: publish rate, ingestion events/s
 time, SQL statements per event and the share of the time spent in `apply_events`.
 
 Part 2, dispatch latency: the API (`uvicorn api.main:app`) and one Celery worker
-(`--concurrency 1 -Q gpu`) on the same database and Redis db. One unmeasured warm-up job,
-then `--dispatch-jobs` jobs one after another, each with `base_model` "/nonexistent/model" so
-that it fails in preflight. For each, the client polls `GET /v1/jobs/{id}` every
-`--poll-ms` and records when it first sees `running` and `failed`; the breakdown comes from
-the job's timestamps (dispatched_at is set by the API, started_at/finished_at are the
-worker's event times). The worker runs each job in a fresh child process that imports the
-pipeline (transformers, torch) before it can fail: that import dominates.
+(`--concurrency 1`, on the one-GPU queue) on the same database and Redis db. One unmeasured
+warm-up job, then `--dispatch-jobs` jobs one after another, each with `base_model`
+"/nonexistent/model" so that it fails in preflight. For each, the client polls `GET
+/v1/jobs/{id}` every `--poll-ms` and records when it first sees `running` and `failed`; the
+breakdown comes from the job's timestamps (dispatched_at is set by the API,
+started_at/finished_at are the worker's event times). The worker runs each job in a fresh
+child process that imports the pipeline (transformers, torch) before it can fail: that
+import dominates.
 
 The database is dropped and Redis db 13 flushed at the end (also on Ctrl-C or SIGTERM).
 Run from the repository root:
@@ -154,7 +155,7 @@ def dispatch(
     from client.embedded import worker_command
 
     api_url = stack.start_uvicorn("api", "api.main:app")
-    stack.start("worker", worker_command("gpu"))
+    stack.start("worker", worker_command())
     stack.wait_ready("api", f"{api_url}/readyz")
     rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=api_url, timeout=30) as http:

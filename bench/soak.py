@@ -120,7 +120,7 @@ class Soak:
         kill_children(process)
         process.kill()
         process.wait()
-        self.stack.start(name, worker_command("gpu"))
+        self.stack.start(name, worker_command())
 
     async def run(self) -> None:
         limits = httpx.Limits(max_connections=self.ns.pollers + self.ns.submitters + 2)
@@ -211,7 +211,7 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         url = stack.start_uvicorn("api", "api.main:app")
         stack.wait_ready("api", f"{url}/readyz")
         for index in range(ns.workers):
-            stack.start(f"worker-{index}", worker_command("gpu"))
+            stack.start(f"worker-{index}", worker_command())
         soak = Soak(stack, url, spec, ns)
         asyncio.run(soak.run())
         with httpx.Client(base_url=url, timeout=30) as http:

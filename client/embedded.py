@@ -74,7 +74,7 @@ class EmbeddedService:
         env = self.environment()
         subprocess.run(migrate_command(), cwd=self.home, env=env, check=True, capture_output=True)
         self._spawn("api", api_command(self.port), env)
-        self._spawn("worker", worker_command(env.get("WARP_QUEUE", "gpu")), env)
+        self._spawn("worker", worker_command(), env)
         wait_ready(self.url, self.processes, self.log_dir, timeout_s)
         return self
 
@@ -140,8 +140,9 @@ def api_command(port: int) -> list[str]:
     ]
 
 
-def worker_command(queue: str) -> list[str]:
-    """One worker process running one job at a time from `queue`."""
+def worker_command() -> list[str]:
+    """One worker process running one job at a time: jobs for as many GPUs as its
+    WARP_WORKER_GPUS (default 1), from their queue (no -Q: see service.celery_app)."""
     return [
         sys.executable,
         "-m",
@@ -155,8 +156,6 @@ def worker_command(queue: str) -> list[str]:
         "--without-mingle",
         "--loglevel",
         "INFO",
-        "-Q",
-        queue,
     ]
 
 

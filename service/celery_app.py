@@ -1,7 +1,8 @@
 """The Celery app: one long GPU job at a time, never lost.
 
-The API sends jobs through it (`protocol.TASK`, by name); `worker.tasks` registers the task
-on it. Run a worker per GPU: `celery -A worker.tasks:app worker -Q gpu --concurrency 1`.
+The API sends jobs through it (`protocol.TASK`, by name, to the queue of the job's GPU
+count); `worker.tasks` registers the task on it. Run a worker per machine or GPU set:
+`WARP_WORKER_GPUS=N celery -A worker.tasks:app worker --concurrency 1`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 
 from service.config import settings
+from service.protocol import job_queue
 
 app = Celery("warp", broker=settings.resolved_redis_url)
 app.conf.update(
@@ -27,8 +29,10 @@ app.conf.update(
     # The soft limit raises inside the job so it can report failure; the hard one kills.
     task_soft_time_limit=settings.job_soft_time_limit_s,
     task_time_limit=settings.job_time_limit_s,
-    # One queue per GPU class; `gpu` unless configured.
-    task_default_queue=settings.queue,
+    # One queue per GPU count. A worker started with no -Q consumes this one, the queue of
+    # jobs for its WARP_WORKER_GPUS, and a task it retries goes back to it; the API names
+    # each job's queue when it sends it.
+    task_default_queue=job_queue(settings.worker_gpus),
     task_serializer="json",
     accept_content=["json"],
     # Results live in PostgreSQL through the event stream, not in a result backend.

@@ -30,7 +30,14 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(
         None, description="Worker-local scratch space for running jobs (checkpoints)."
     )
-    queue: str = Field("gpu", description="Celery queue a worker consumes (one per GPU class).")
+    queue: str = Field(
+        "gpu",
+        description="Name of the job queues: jobs for one GPU go to this queue, jobs for N "
+        "GPUs to QUEUE-xN (service.protocol.job_queue).",
+    )
+    worker_gpus: int = Field(
+        1, ge=1, description="GPUs of this worker: it consumes the queue of jobs for that many."
+    )
     event_stream: str = Field("warp:events", description="Redis Stream carrying job events.")
     ingest_group: str = Field("ingesters", description="Consumer group of the API ingesters.")
     ingest_reclaim_idle_ms: int = Field(

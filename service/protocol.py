@@ -1,5 +1,5 @@
-"""The wire between workers and the API: the task name, every Redis key, and the job event
-stream format.
+"""The wire between workers and the API: the task name, the job queues, every Redis key, and
+the job event stream format.
 
 A worker appends events to one Redis Stream; the API's ingester (api.ingest) writes them to
 the database. Each event carries a per-job sequence number taken from a Redis counter in the
@@ -18,8 +18,18 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from service.config import settings
+
 TASK = "warp.run_job"
 """The Celery task that runs a job: `(job_id, spec)`, with the job id as the task id."""
+
+
+def job_queue(gpus: int) -> str:
+    """The Celery queue of jobs that run on `gpus` GPUs (`resources.gpus`), which only workers
+    started for that many GPUs consume (`WARP_WORKER_GPUS`): `WARP_QUEUE` for one, as before
+    there were several (so existing workers keep their jobs), `WARP_QUEUE-xN` for N."""
+    return settings.queue if gpus == 1 else f"{settings.queue}-x{gpus}"
+
 
 UPLOAD_PREFIX = "file:"
 """A dataset source `file:<id>` names a file uploaded through the API."""

@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-# Variants `.ci/compose-check` validates: the default (GPU worker) and the `cpu` profile.
-VARIANTS = {"gpu": [], "cpu": ["--profile", "cpu"]}
-WORKERS = ("worker", "worker-cpu")
+# Variants `.ci/compose-check` validates: the default (GPU worker), the `cpu` and the `8gpu`
+# profiles.
+VARIANTS = {"gpu": [], "cpu": ["--profile", "cpu"], "8gpu": ["--profile", "8gpu"]}
+WORKERS = ("worker", "worker-cpu", "worker-8gpu")
+WORKER_ENV = {"WARP_REDIS_URL", "WARP_ARTIFACT_URL", "WARP_WORK_DIR", "WARP_WORKER_GPUS"}
 REQUIRED_ENV = {
     "api": {"WARP_DATABASE_URL", "WARP_REDIS_URL", "WARP_ARTIFACT_URL"},
-    "worker": {"WARP_REDIS_URL", "WARP_ARTIFACT_URL", "WARP_WORK_DIR"},
-    "worker-cpu": {"WARP_REDIS_URL", "WARP_ARTIFACT_URL", "WARP_WORK_DIR"},
+    **dict.fromkeys(WORKERS, WORKER_ENV),
     "migrate": {"WARP_DATABASE_URL"},
 }
 DEFAULT_RE = re.compile(r"^\$\{(?P<name>\w+):?-(?P<default>[^}]*)\}$")
@@ -273,17 +274,45 @@ print(json.dumps({
 
 
 @pytest.mark.parametrize("name", WORKERS)
-def test_worker_queue_default_matches_settings(services, name):
+def test_a_worker_consumes_the_queue_the_api_sends_its_gpu_count_to(services, name, tmp_path):
     cmd = command(services[name])
     assert cmd[0] == "celery"
     assert "worker" in cmd
     assert option(cmd, "--concurrency", "-c") == "1"
-    queue = option(cmd, "-Q", "--queues")
-    settings_default = Settings.model_fields["queue"].default
-    assert default_of(queue) == settings_default
-    # The worker's -Q and the WARP_QUEUE the API dispatches to come from one variable.
-    assert queue == environment(services[name])["WARP_QUEUE"]
-    assert queue == environment(services["api"])["WARP_QUEUE"]
+    # No -Q: the queue follows from WARP_QUEUE and WARP_WORKER_GPUS, in the code.
+    assert not {"-Q", "--queues"} & set(cmd) and not any(p.startswith("--queues=") for p in cmd)
+    worker, api = environment(services[name]), environment(services["api"])
+    assert worker["WARP_QUEUE"] == api["WARP_QUEUE"]
+    assert default_of(worker["WARP_QUEUE"]) == Settings.model_fields["queue"].default
+    gpus = int(worker["WARP_WORKER_GPUS"])
+    assert gpus == max(1, sum(device["count"] for device in gpu_devices(services[name])))
+
+    # What the worker's Celery app consumes and where the API sends a job for that many GPUs,
+    # each computed by the code from the service's own environment.
+    probe = """
+import json, sys
+if sys.argv[1] == "worker":
+    from service.celery_app import app
+    print(app.conf.task_default_queue)
+else:
+    from api.dispatch import queue_of
+    print(queue_of({"resources": {"gpus": int(sys.argv[2])}}))
+"""
+    queues = set()
+    for role, env in (("worker", worker), ("api", api)):
+        # Importing connects to nothing: no Redis, no database is needed.
+        resolved = {key: default_of(value) for key, value in env.items()}
+        result = subprocess.run(
+            [sys.executable, "-c", probe, role, str(gpus)],
+            cwd=ROOT,
+            env={**clean_env(), **resolved, "WARP_HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        queues.add(result.stdout.strip())
+    assert len(queues) == 1, f"{name} consumes one queue, the API sends to another: {queues}"
 
 
 def test_migrate_runs_the_packaged_alembic_config(services, dockerfile):
@@ -346,6 +375,17 @@ def test_gpu_worker_reserves_a_gpu_and_cpu_worker_does_not(services):
     assert cpu["profiles"] == ["cpu"]
     assert command(cpu) == command(services["worker"])
     assert environment(cpu) == environment(services["worker"])
+
+
+def test_the_8_gpu_worker_reserves_8_gpus_and_runs_jobs_for_8(services):
+    worker, eight = services["worker"], services["worker-8gpu"]
+    (devices,) = gpu_devices(eight)
+    assert devices["driver"] == "nvidia" and devices["count"] == 8
+    assert eight["profiles"] == ["8gpu"]  # started by name, never by the default `up`
+    assert command(eight) == command(worker)
+    assert environment(eight) == {**environment(worker), "WARP_WORKER_GPUS": "8"}
+    # NCCL between the ranks needs more shared memory than Docker's default 64 MB.
+    assert eight["shm_size"] == "16gb"
 
 
 def test_hf_cache_volume_is_hf_home(services, dockerfile):
@@ -420,21 +460,23 @@ def test_docker_compose_config_validates(variant):
     checked = run_compose(*args, "config", "-q")
     assert checked.returncode == 0, checked.stderr
 
-    # What compose itself makes of the file, with a non-default queue: the worker consumes
-    # exactly the queue the API dispatches to, and no worker sees the database.
+    # What compose itself makes of the file, with a non-default queue: the workers name
+    # the queues the API dispatches to, and no worker sees the database.
     rendered = run_compose(*args, "config", env={"WARP_QUEUE": "a100"})
     assert rendered.returncode == 0, rendered.stderr
     resolved = yaml.safe_load(rendered.stdout)["services"]
     # docker-compose 1.29 renders every service; Compose v2 only the enabled profiles.
     workers = [name for name in WORKERS if name in resolved]
     assert "worker" in workers
-    if variant == "cpu":
-        assert "worker-cpu" in workers
+    if variant != "gpu":
+        assert f"worker-{variant}" in workers
     assert environment(resolved["api"])["WARP_QUEUE"] == "a100"
     for name in workers:
-        assert option(command(resolved[name]), "-Q") == "a100"
         assert environment(resolved[name])["WARP_QUEUE"] == "a100"
         assert "WARP_DATABASE_URL" not in environment(resolved[name])
     assert bool(gpu_devices(resolved["worker"]))
     if "worker-cpu" in resolved:
         assert not gpu_devices(resolved["worker-cpu"])
+    if "worker-8gpu" in resolved:
+        assert environment(resolved["worker-8gpu"])["WARP_WORKER_GPUS"] == "8"
+        assert gpu_devices(resolved["worker-8gpu"])[0]["count"] == 8

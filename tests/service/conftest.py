@@ -126,7 +126,7 @@ def service(database, redis_client) -> Iterator[Service]:
     logs = HOME / "logs"
     processes = [
         spawn("api", api_command(port), env, logs),
-        spawn("worker", worker_command("gpu"), env, logs),
+        spawn("worker", worker_command(), env, logs),
     ]
     url = f"http://127.0.0.1:{port}"
     unlimited = ("--rate-limit", "1000000", "--max-active-jobs", "1000")

@@ -133,7 +133,7 @@ class FaultStack:
         self.api.wait()
 
     def start_worker(self) -> subprocess.Popen:
-        worker = spawn("worker", worker_command(QUEUE), self.env, self.logs)
+        worker = spawn("worker", worker_command(), self.env, self.logs)
         self.workers.append(worker)
         return worker
 

@@ -35,7 +35,7 @@ def test_health_readiness_metrics_and_docs(http):
     metrics = http.get("/metrics").text
     for name in (
         "warp_jobs{",
-        "warp_queue_depth",
+        'warp_queue_depth{queue="gpu"}',
         "warp_http_request_duration_seconds",
         "warp_event_ingestion_lag_seconds",
     ):

@@ -14,26 +14,28 @@ from api.dispatch import message_job_id, send
 from api.models import Job
 from api.reaper import Reaper
 from service.config import settings
-from service.protocol import JobEventMessage, job_key
+from service.protocol import JobEventMessage, job_key, job_queue
 
 QUEUE = "reaper-test"
+EIGHT_GPUS = {"method": "warp", "resources": {"gpus": 8}}
 
 
 @pytest.fixture()
 def wire(redis_client, monkeypatch):
-    """A stream and a queue of the test's own, which no live ingester or worker reads."""
+    """A stream and queues of the test's own, which no live ingester or worker reads."""
     stream = f"warp:test-events:{uuid.uuid4().hex}"
     monkeypatch.setattr(settings, "event_stream", stream)
     monkeypatch.setattr(settings, "queue", QUEUE)
-    redis_client.delete(QUEUE)
+    queues = (job_queue(1), job_queue(8))
+    redis_client.delete(*queues)
     yield stream
-    redis_client.delete(stream, QUEUE)
+    redis_client.delete(stream, *queues)
 
 
-def job_row(**fields) -> Iterator[str]:
+def job_row(spec: dict | None = None, **fields) -> Iterator[str]:
     job_id = uuid.uuid4().hex
     with session_scope() as session:
-        session.add(Job(id=job_id, spec={"method": "warp"}, **fields))
+        session.add(Job(id=job_id, spec=spec or {"method": "warp"}, **fields))
     yield job_id
     with session_scope() as session:
         session.delete(session.get(Job, job_id))
@@ -61,9 +63,15 @@ def events(redis_client, stream: str, job_id: str) -> list[JobEventMessage]:
     return [message for message in messages if message.job_id == job_id]
 
 
-def queued(redis_client, job_id: str) -> int:
-    """How many deliveries of the job wait on the test queue."""
-    return sum(message_job_id(raw) == job_id for raw in redis_client.lrange(QUEUE, 0, -1))
+@pytest.fixture()
+def sent_job_for_8_gpus(database):
+    yield from job_row(EIGHT_GPUS, status="queued", dispatched_at=utcnow())
+
+
+def queued(redis_client, job_id: str, gpus: int = 1) -> int:
+    """How many deliveries of the job wait on the test queue of `gpus` GPUs."""
+    messages = redis_client.lrange(job_queue(gpus), 0, -1)
+    return sum(message_job_id(raw) == job_id for raw in messages)
 
 
 def lost(reaper: Reaper, now: float, job_id: str) -> bool:
@@ -136,3 +144,16 @@ def test_a_job_waiting_in_the_queue_is_left_alone_however_long(redis_client, wir
     reaper = Reaper(redis_client)
     assert not lost(reaper, 0.0, sent_job) and not lost(reaper, 1e6, sent_job)
     assert queued(redis_client, sent_job) == 1 and events(redis_client, wire, sent_job) == []
+
+
+def test_a_job_for_8_gpus_is_sent_again_to_their_queue_and_left_alone_there(
+    redis_client, wire, sent_job_for_8_gpus
+):
+    """Each GPU count has a queue of its own: the reaper looks for the job in its queue, and
+    sends it again there, where only workers for 8 GPUs take it."""
+    job_id = sent_job_for_8_gpus
+    reaper = Reaper(redis_client)
+    assert not lost(reaper, 0.0, job_id)
+    assert lost(reaper, settings.lease_s, job_id), "its message vanished: sent again"
+    assert queued(redis_client, job_id, gpus=8) == 1 and queued(redis_client, job_id) == 0
+    assert not lost(reaper, 1e6, job_id), "waiting in the queue of 8 GPUs: left alone"
