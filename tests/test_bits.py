@@ -1,4 +1,4 @@
-"""Bit-packed masks give back exactly the mask they were made from."""
+"""Bit-packed masks give back exactly the mask they were made from, a block of rows at a time."""
 
 from __future__ import annotations
 
@@ -13,12 +13,20 @@ from warp_core import bits
 def test_pack_then_unpack_is_the_identity(shape, density):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < density
     packed = bits.pack(mask)
-    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert torch.equal(bits.unpack(packed, mask.shape), mask)
+    rows = mask.numel() // shape[-1]
+    assert packed.dtype == torch.uint8 and packed.numel() == rows * -(-shape[-1] // 8)
+    assert torch.equal(bits.unpack(packed, shape[-1]), mask)
 
 
-def test_the_packing_is_row_major_and_least_significant_bit_first():
+def test_a_block_of_rows_unpacks_on_its_own():
+    mask = torch.rand(10, 13, generator=torch.Generator().manual_seed(1)) < 0.3
+    packed = bits.pack(mask)
+    assert torch.equal(bits.unpack(packed[3:7], 13), mask[3:7])
+
+
+def test_each_row_is_packed_least_significant_bit_first():
     mask = torch.tensor(
         [[True, False, False, False], [False, False, False, True], [True, False, False, False]]
     )
-    assert bits.pack(mask).tolist() == [1 + 128, 1]
+    assert bits.pack(mask).tolist() == [[1], [8], [1]]
+    assert bits.pack(mask.flatten()).tolist() == [1 + 128, 1]

@@ -4,6 +4,10 @@ For every distinct input x read by target layers (q/k/v share one, gate/up share
 uncentred second moment `G = sum_t x_t x_t^T` over non-padding tokens is accumulated in fp32
 and decomposed as `G = U diag(lambda) U^T`, eigenvalues descending. Memory is one `in x in`
 matrix per distinct input whatever the number of tokens.
+
+In several processes each one accumulates the moments of its share of the batches; each sum
+is reduced to the process that decomposes it (bases are dealt round-robin), and rank 0, the
+one that saves them, receives every basis.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from warp_core.distributed import Dealt, World
 from warp_core.events import OnBatch
 from warp_core.model import Target
 
@@ -64,10 +69,11 @@ def group_by_input(
 def second_moments(
     model: nn.Module,
     groups: dict[str, list[Target]],
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Iterable[Dealt],
     on_batch: OnBatch = None,
 ) -> dict[str, torch.Tensor]:
-    """`G = sum_t x_t x_t^T` per group over non-padding tokens, accumulated in fp32."""
+    """`G = sum_t x_t x_t^T` per group over the non-padding tokens of the batches that count,
+    accumulated in fp32."""
     device = next(model.parameters()).device
     moments = {
         key: torch.zeros(
@@ -93,8 +99,9 @@ def second_moments(
     ]
     try:
         with torch.no_grad():
-            for batch in batches:
-                token_mask[:] = [batch["attention_mask"].bool()]
+            for batch, counts in batches:
+                mask = batch["attention_mask"].bool()
+                token_mask[:] = [mask if counts else torch.zeros_like(mask)]
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 if on_batch:
                     on_batch()
@@ -120,15 +127,32 @@ def build_bases(
     targets: list[Target],
     batches: list[dict[str, torch.Tensor]],
     on_batch: OnBatch = None,
+    world: World | None = None,
 ) -> Bases:
-    """Phase 1 end to end: group targets by input, accumulate moments, decompose them."""
+    """Phase 1 end to end: group targets by input, accumulate moments, decompose them.
+
+    In several processes, every rank passes all of `batches` and takes its share; the
+    returned `Bases` hold every basis on rank 0 and none elsewhere.
+    """
+    world = world or World.alone(next(model.parameters()).device)
     groups = group_by_input(model, targets, batches[0])
-    moments = second_moments(model, groups, batches, on_batch)
+    moments = second_moments(model, groups, world.deal(batches), on_batch)
     key_of = {t.name: key for key, members in groups.items() for t in members}
+    owners = {key: index % world.size for index, key in enumerate(moments)}
+    for key, owner in owners.items():
+        world.reduce_(moments[key], dst=owner)
+        if world.rank != owner:
+            del moments[key]
+    decomposed = {key: eigenbasis(moments.pop(key)) for key in list(moments)}
     bases: dict[str, torch.Tensor] = {}
     eigenvalues: dict[str, torch.Tensor] = {}
-    for key in list(moments):
-        bases[key], eigenvalues[key] = eigenbasis(moments.pop(key))
+    for key, owner in owners.items():
+        n = groups[key][0].module.in_features
+        vectors, values = decomposed.pop(key, (None, None))
+        vectors = world.to_main(vectors, owner, (n, n))
+        values = world.to_main(values, owner, (n,))
+        if world.main:
+            bases[key], eigenvalues[key] = vectors, values
     return Bases(key_of, bases, eigenvalues)
 
 

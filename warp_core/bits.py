@@ -1,10 +1,9 @@
-"""Boolean masks packed eight to a byte: a WaRP mask costs 1 bit per coefficient held
-through Phase 3 instead of the 1 byte of a `torch.bool` tensor, and is expanded for one
-target at a time when its gradient is masked."""
+"""Boolean masks packed eight to a byte along their last dimension: a WaRP mask costs 1 bit
+per coefficient held through Phase 3 instead of the 1 byte of a `torch.bool` tensor, and any
+block of rows can be expanded on its own (`unpack(packed[rows], columns)`) when the gradient
+of that block is masked."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -16,13 +15,18 @@ def _bit_values(device: torch.device) -> torch.Tensor:
 
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
-    """`mask` (bool, any shape) as uint8 bytes, row-major, the last byte padded with False."""
-    flat = mask.flatten().to(torch.uint8)
-    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) * _bit_values(mask.device)).sum(dim=1, dtype=torch.uint8)
+    """`mask` (bool, n columns) as uint8 of shape `(*mask.shape[:-1], ceil(n / 8))`: each
+    row least significant bit first, its last byte padded with False."""
+    columns = mask.shape[-1]
+    flat = mask.reshape(-1, columns).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -columns % 8))
+    packed = (flat.view(flat.shape[0], -1, 8) * _bit_values(mask.device)).sum(
+        dim=2, dtype=torch.uint8
+    )
+    return packed.view(*mask.shape[:-1], -1)
 
 
-def unpack(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The bool tensor of `shape` that `pack` made `packed` from."""
-    bits = packed.unsqueeze(1).bitwise_and(_bit_values(packed.device)).ne(0)
-    return bits.flatten()[: math.prod(shape)].view(shape)
+def unpack(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """The bool tensor with `columns` columns that `pack` made `packed` from."""
+    bits = packed.unsqueeze(-1).bitwise_and(_bit_values(packed.device)).ne(0)
+    return bits.flatten(-2)[..., :columns]

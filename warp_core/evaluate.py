@@ -134,7 +134,7 @@ def generate(
     for start in range(0, len(prompts), batch_size):
         rows = [encode_prompt(tokenizer, prompt) for prompt in prompts[start : start + batch_size]]
         input_ids, attention_mask = _left_pad(rows, pad_id)
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: FSDP2 reuses the buffers it gathers into
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -145,12 +145,20 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad_id,
                 eos_token_id=eos_ids,
+                # a sharded model: every rank steps until all are done (FSDP2 forwards
+                # gather weights from all ranks)
+                synced_gpus=_sharded(),
             )
         new_ids = output[:, input_ids.shape[1] :].tolist()
         continuations.extend(_until_eos(ids, eos_ids) for ids in new_ids)
         if on_batch is not None:
             on_batch()
     return continuations
+
+
+def _sharded() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _decode(tokenizer: Any, ids: list[int]) -> str:
@@ -201,7 +209,7 @@ def response_loss(
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     for batch in batches(encoded, batch_size, pad_token_id(tokenizer)):
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: FSDP2 reuses the buffers it gathers into
             total_loss += response_loss_sum(
                 model, {key: value.to(device) for key, value in batch.items()}
             ).item()

@@ -12,7 +12,7 @@
     warp/masks.safetensors        {parameter name: mask} (bool, the weight's shape, True = frozen)
     warp/targets.json             {parameter name: {"basis": key, "frozen": int, "total": int}}
     eval/{before,after}.json      the metrics and the generated samples behind them
-    checkpoints/finetune.pt       resumable training state (`finetune.Checkpoint`)
+    checkpoints/finetune/         resumable training state, sharded (`checkpoint.Checkpoint`)
     report.md, report.png         the job's report (`report.write_report`, rebuilt every run)
 
 All but the report are written under their name + `.partial` (`model.partial/` for the
@@ -22,13 +22,16 @@ model) and renamed when complete (`files.replacing`), so a reader never sees hal
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from warp_core.basis import Bases
+from warp_core.distributed import World
 from warp_core.files import replacing
 from warp_core.model import Target
 
@@ -56,12 +59,31 @@ def save_bases(warp_dir: Path, bases: Bases, spectrum: dict[str, Any]) -> None:
     write_json(warp_dir / "spectrum.json", spectrum)
 
 
-def load_bases(warp_dir: Path, device: torch.device) -> Bases:
+def load_bases(warp_dir: Path, device: torch.device, rows: RowsOf | None = None) -> Bases:
+    """The bases, whole, or only the rows `rows(n)` of each when given."""
     return Bases(
         key_of=read_json(warp_dir / "basis_of.json"),
-        U=load_file(str(warp_dir / "basis.safetensors"), device=str(device)),
+        U=load_rows(warp_dir / "basis.safetensors", device, rows),
         eigenvalues=load_file(str(warp_dir / "eigenvalues.safetensors"), device=str(device)),
     )
+
+
+RowsOf = Callable[[int], slice]
+"""Which rows of an n-row tensor this process holds (`World.rows`)."""
+
+
+def load_rows(path: Path, device: torch.device, rows: RowsOf | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, whole, or only its rows `rows(n)`: a process of a
+    sharded job reads only its own rows of a 7B model's masks and bases."""
+    if rows is None:
+        return load_file(str(path), device=str(device))
+    with safe_open(str(path), framework="pt", device=str(device)) as tensors:
+        loaded = {}
+        for name in tensors.keys():  # noqa: SIM118 (safe_open is not a dict)
+            part = tensors.get_slice(name)
+            mine = rows(part.get_shape()[0])
+            loaded[name] = part[mine.start : mine.stop]
+        return loaded
 
 
 def save_masks(
@@ -82,12 +104,30 @@ def save_masks(
     )
 
 
-def load_masks(warp_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    return load_file(str(warp_dir / "masks.safetensors"), device=str(device))
+def load_masks(
+    warp_dir: Path, device: torch.device, rows: RowsOf | None = None
+) -> dict[str, torch.Tensor]:
+    """The masks, whole, or only the rows `rows(n)` of each when given."""
+    return load_rows(warp_dir / "masks.safetensors", device, rows)
 
 
-def save_model(model: Any, tokenizer: Any, model_dir: Path) -> None:
-    """The fine-tuned model as a plain Hugging Face checkpoint: no project code to load it."""
+def save_model(
+    model: Any, tokenizer: Any, model_dir: Path, weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The fine-tuned model as a plain Hugging Face checkpoint: no project code to load it.
+
+    `weights` replace the model's own state dict (a sharded model's, gathered whole)."""
     with replacing(model_dir) as partial:
-        model.save_pretrained(partial)
+        model.save_pretrained(partial, state_dict=weights)
         tokenizer.save_pretrained(partial)
+
+
+def full_state_dict(model: Any, world: World) -> dict[str, torch.Tensor] | None:
+    """A sharded model's weights gathered whole, in host memory, on rank 0 (every rank must
+    call it); None for a model of one process, which saves its own."""
+    if world.size == 1:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

@@ -4,8 +4,13 @@ WaRP's trainable state per target is a delta `dC` (fp32, zeros) with `W = W0 + d
 Forward and backward use the plain weight `W` in the model's dtype, so gradients `G_W`
 accumulate over micro-batches as in ordinary training. Once per optimizer step each target
 computes `G_C = (G_W U) * (1 - M)`, AdamW steps `dC` in rotated coordinates (frozen entries
-keep zero moments and never move), and `W = W0 + dC U^T` is written back. The plain
-baseline (`method="full"`) runs this same loop with the weights themselves as state.
+have no state and never move), and `W = W0 + dC U^T` is written back. The plain baseline
+(`method="full"`) runs this same loop with the weights themselves as state (`warp_core.slots`).
+
+The optimizer step goes one slot, and one block of rows, at a time (`step_slots`): the
+global gradient norm is taken in a first pass, then each block is clipped, updated and
+written back, so only one block's fp32 gradient need be alive. In several processes each
+takes its share of every micro-batch and FSDP2 sums the gradients (`warp_core.distributed`).
 """
 
 from __future__ import annotations
@@ -13,80 +18,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
-from transformers import get_scheduler
 
-from warp_core import bits
-from warp_core.data import Encoded, collate, epoch_order
-from warp_core.files import replacing
+from warp_core.checkpoint import Checkpoint
+from warp_core.data import IGNORE_INDEX, Encoded, collate, epoch_order
+from warp_core.distributed import World
 from warp_core.loss import response_loss_sum, response_tokens
+from warp_core.optimizer import SlotAdamW
+from warp_core.slots import Slot
 from warp_core.spec import Hyperparameters
-
-
-class Slot(Protocol):
-    """One trainable tensor: `master` is what AdamW updates (fp32)."""
-
-    name: str
-    master: torch.Tensor
-
-    def load_grad(self) -> None:
-        """Set `master.grad` from the model parameter's accumulated gradient."""
-
-    def write_back(self) -> None:
-        """Make the model parameter reflect `master`."""
-
-
-class RotatedSlot:
-    """A target weight trained through its rotated delta: `W = W0 + dC U^T`.
-
-    Its mask (True = frozen) is kept bit-packed and expanded only while its gradient is
-    masked, so the masks of all targets cost 1 bit per coefficient, not 1 byte.
-    """
-
-    def __init__(
-        self, name: str, weight: nn.Parameter, basis: torch.Tensor, frozen: torch.Tensor | None
-    ) -> None:
-        self.name = name
-        self.weight = weight
-        self.basis = basis
-        self.frozen_bits = None if frozen is None else bits.pack(frozen)
-        self.base = weight.detach().clone()
-        self.master = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-
-    def load_grad(self) -> None:
-        grad = self.weight.grad.float() @ self.basis
-        if self.frozen_bits is not None:
-            grad.masked_fill_(bits.unpack(self.frozen_bits, grad.shape), 0.0)
-        self.master.grad = grad
-        self.weight.grad = None  # one gradient per target alive at a time, not two
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        self.weight.copy_(torch.addmm(self.base.float(), self.master, self.basis.T))
-
-
-class PlainSlot:
-    """A parameter trained directly, through an fp32 master copy when its dtype is lower."""
-
-    def __init__(self, name: str, param: nn.Parameter) -> None:
-        self.name = name
-        self.param = param
-        self.master = param if param.dtype == torch.float32 else param.detach().float()
-
-    def load_grad(self) -> None:
-        if self.master is not self.param:
-            self.master.grad = self.param.grad.float()
-            self.param.grad = None
-
-    @torch.no_grad()
-    def write_back(self) -> None:
-        if self.master is not self.param:
-            self.param.copy_(self.master)
 
 
 @dataclass(frozen=True)
@@ -131,60 +76,11 @@ class Schedule:
         return [chunk[i : i + size] for i in range(0, len(chunk), size)]
 
 
-def build_optimizer(
-    slots: Sequence[Slot], hp: Hyperparameters, total_steps: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the fp32 masters (weight decay on matrices only) and the lr schedule."""
-    matrices = [s.master for s in slots if s.master.dim() >= 2]
-    vectors = [s.master for s in slots if s.master.dim() < 2]
-    groups = [{"params": matrices, "weight_decay": hp.weight_decay}]
-    if vectors:
-        groups.append({"params": vectors, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.adam_beta1, hp.adam_beta2))
-    scheduler = get_scheduler(
-        hp.lr_scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    return optimizer, scheduler
+class StepRotation(Protocol):
+    """Per step, which targets form their rotated gradient from activations
+    (`warp_core.rotation`), installed for the step's forward and backward passes."""
 
-
-class Checkpoint:
-    """The resumable training state: step, masters, optimizer and scheduler.
-
-    Written through `files.replacing`, so a crash mid-save leaves the previous checkpoint
-    intact.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def save(self, step: int, slots: Sequence[Slot], optimizer, scheduler) -> None:
-        state = {
-            "step": step,
-            "names": [s.name for s in slots],
-            "masters": [s.master.detach().cpu() for s in slots],
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-        }
-        with replacing(self.path) as partial:
-            torch.save(state, partial)
-
-    def restore(self, slots: Sequence[Slot], optimizer, scheduler) -> int:
-        """Load the saved state into `slots` and the optimizer; return the next step."""
-        if not self.path.exists():
-            return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["names"] != [s.name for s in slots]:
-            raise ValueError(f"{self.path} was written for other trainable parameters")
-        with torch.no_grad():
-            for slot, saved in zip(slots, state["masters"], strict=True):
-                slot.master.copy_(saved)
-                slot.write_back()
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        return state["step"]
+    def step(self, tokens: int, response_tokens: int) -> AbstractContextManager[None]: ...
 
 
 def train(
@@ -197,39 +93,41 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
     check_stop: Callable[[], None] | None = None,
     schedule: StepSchedule | None = None,
+    world: World | None = None,
+    rotation: StepRotation | None = None,
+    keep_rotated: bool = True,
 ) -> int:
     """Run (or resume) the optimizer steps; returns the number of steps done.
 
     The loss of a step is the sum over its micro-batches of response-token losses divided
     by the step's response-token count, so the result does not depend on how a step is
-    split into micro-batches. `schedule` defaults to the job's `Schedule` over `examples`.
-    Without a `checkpoint` nothing is saved or resumed. `check_stop` is called before every
-    micro-batch and may raise to cancel; the last checkpoint stays for a later resume.
+    split into micro-batches or processes. `schedule` defaults to the job's `Schedule` over
+    `examples`. Without a `checkpoint` nothing is saved or resumed. `check_stop` is called
+    before every micro-batch and may raise to cancel; the last checkpoint stays for a later
+    resume. `keep_rotated` holds each block's gradient between the norm pass and the update
+    instead of forming it again (`step_slots`).
     """
+    world = world or World.alone(next(model.parameters()).device)
     schedule = schedule or Schedule(len(examples), hp)
-    optimizer, scheduler = build_optimizer(slots, hp, schedule.total_steps)
-    first_step = checkpoint.restore(slots, optimizer, scheduler) if checkpoint else 0
+    optimizer = SlotAdamW(hp, schedule.total_steps)
+    first_step = checkpoint.restore(slots, optimizer) if checkpoint else 0
     model.train()
-    params = [s.master for s in slots]
     for step in range(first_step, schedule.total_steps):
         started = time.perf_counter()
-        micro = [
-            collate([examples[i] for i in ids], pad_id) for ids in schedule.micro_batches(step)
-        ]
-        loss, tokens = accumulate_gradients(model, micro, check_stop)
-        for slot in slots:
-            slot.load_grad()
-        norm = _clip(params, hp.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro = [[examples[i] for i in ids] for ids in schedule.micro_batches(step)]
+        labels = sum(_response_tokens(item) for batch in micro for item in batch)
+        tokens = sum(len(item.input_ids) for batch in micro for item in batch)
+        shares = [collate(_share(batch, world), pad_id) for batch in micro]
+        with rotation.step(tokens, labels) if rotation else nullcontext():
+            loss = accumulate_gradients(model, shares, check_stop, labels)
+        if world.size > 1:
+            loss = float(world.sum_(torch.tensor([loss], device=world.device)).item())
+        learning_rate = optimizer.learning_rate(step)
+        norm = step_slots(slots, optimizer, learning_rate, hp.max_grad_norm, keep_rotated, world)
         model.zero_grad(set_to_none=True)
-        for slot in slots:
-            slot.write_back()
         done = step + 1
         if checkpoint and (done % hp.checkpoint_every == 0 or done == schedule.total_steps):
-            checkpoint.save(done, slots, optimizer, scheduler)
+            checkpoint.save(done, slots, optimizer)
         if on_step:
             seconds = time.perf_counter() - started
             on_step(
@@ -239,14 +137,35 @@ def train(
     return schedule.total_steps
 
 
+def _share(batch: list[Encoded], world: World) -> list[Encoded]:
+    """This process's examples of a micro-batch: every `size`-th one. A process left
+    without any runs the first one with no label, which adds nothing to any gradient but
+    keeps its collectives in step with the others'."""
+    mine = batch[world.rank :: world.size]
+    if mine:
+        return mine
+    return [Encoded(batch[0].input_ids, [IGNORE_INDEX] * len(batch[0].input_ids))]
+
+
+def _response_tokens(item: Encoded) -> int:
+    """The tokens `response_loss_sum` learns in `item` (labels after the shift)."""
+    return sum(label != IGNORE_INDEX for label in item.labels[1:])
+
+
 def accumulate_gradients(
     model: nn.Module,
     micro_batches: list[dict[str, torch.Tensor]],
     check_stop: Callable[[], None] | None,
-) -> tuple[float, int]:
-    """Backward over a step's micro-batches; returns its mean loss and its token count."""
+    label_tokens: int | None = None,
+) -> float:
+    """Backward over micro-batches; returns their share of the step's mean loss.
+
+    `label_tokens` is the step's response-token count over all processes (default: these
+    micro-batches' own).
+    """
     device = next(model.parameters()).device
-    label_tokens = sum(response_tokens(mb) for mb in micro_batches)
+    if label_tokens is None:
+        label_tokens = sum(response_tokens(mb) for mb in micro_batches)
     total = 0.0
     for batch in micro_batches:
         if check_stop:
@@ -255,13 +174,59 @@ def accumulate_gradients(
         loss = response_loss_sum(model, batch) / max(label_tokens, 1)
         loss.backward()
         total += loss.item()
-    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-    return total, tokens
+    return total
 
 
-def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
-    """Global gradient norm of the trainable state (clipped to `max_norm` when set)."""
-    grads = [p for p in params if p.grad is not None]
-    if max_norm is None:
-        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in grads])))
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+def step_slots(
+    slots: Sequence[Slot],
+    optimizer: SlotAdamW,
+    learning_rate: float,
+    max_norm: float | None,
+    keep_rotated: bool,
+    world: World,
+) -> float:
+    """One optimizer step, a slot block at a time; returns the gradient norm before clipping.
+
+    With clipping, a first pass takes the global norm of the masked rotated gradients; the
+    second clips, updates and writes back each block. `keep_rotated` holds each block's
+    trainable gradient between the passes (and drops the weight gradient it came from);
+    otherwise the second pass forms it again, one more rotation per step for less memory.
+    Clipping is `torch.nn.utils.clip_grad_norm_`'s, to the bit.
+    """
+    stepped = [slot for slot in slots if slot.param.grad is not None]
+    norms: list[torch.Tensor] = []
+    held: dict[tuple[int, int], torch.Tensor] = {}
+    scale = None
+    if max_norm is not None:
+        for i, slot in enumerate(stepped):
+            for j, block in enumerate(slot.blocks):
+                gradient = slot.gradient(block)
+                norms.append(torch.linalg.vector_norm(gradient))
+                if keep_rotated:
+                    held[i, j] = slot.trainable(block, gradient)
+            if keep_rotated:
+                slot.release_grad()
+        total = _total_norm(norms, world)
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for i, slot in enumerate(stepped):
+        for j, block in enumerate(slot.blocks):
+            grad = held.pop((i, j), None)
+            if grad is None:
+                gradient = slot.gradient(block)
+                if scale is None:
+                    norms.append(torch.linalg.vector_norm(gradient))
+                grad = slot.trainable(block, gradient)
+            if scale is not None:
+                grad.mul_(scale.to(grad.device))
+            optimizer.update(slot, block, grad, learning_rate)
+            slot.write_back(block)
+        optimizer.finish(slot)
+        slot.release_grad()
+    world.forget_gathered()
+    return float(total if scale is not None else _total_norm(norms, world))
+
+
+def _total_norm(norms: list[torch.Tensor], world: World) -> torch.Tensor:
+    """The 2-norm of all gradients from the norms of their blocks, over all processes."""
+    local = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    return world.gradient_norm(local)

@@ -3,51 +3,84 @@
 Coefficients of a target are `C = W U` (input side rotated). For each safety batch, the
 cross-entropy of the refusal tokens is back-propagated and `I += |(dL/dW) U|` accumulated in
 fp32; nothing is updated. The mask freezes the top `keep_ratio` of `I`, with an exact count.
+
+The rotated gradient of each batch is formed in the backward pass itself
+(`warp_core.rotation`): the weights stay frozen, and each target hands its input and output
+gradient to a sink that adds `|G_b U|` to its score, from the weight gradient or from the
+activations, whichever costs less. In several processes each one scores its share of the
+batches into scores of the whole weights, which are summed into rank 0's at the end: the sum
+over batches of the absolute values, exactly as one process would take it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from warp_core.basis import Bases
+from warp_core.distributed import World
 from warp_core.events import OnBatch
 from warp_core.model import Target
+from warp_core.rotation import (
+    Sink,
+    from_activations,
+    rotate_activations,
+    rotate_weight_gradient,
+    rotated_backward,
+)
 
 
 def importance_scores(
     model: nn.Module,
     targets: list[Target],
     bases: Bases,
-    batches: Iterable[dict[str, torch.Tensor]],
+    batches: Sequence[dict[str, torch.Tensor]],
     on_batch: OnBatch = None,
+    world: World | None = None,
+    gradient_rotation: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """`I = sum_b |(dL_b/dW) U|` per target weight (fp32, the weight's shape).
 
     `batches` carry labels that are -100 on prompt and padding tokens, so `L_b` is the mean
-    loss of the refusal tokens of batch `b`; the batch size is part of the statistic.
+    loss of the refusal tokens of batch `b`; the batch size is part of the statistic. In
+    several processes every rank passes all of `batches`; the sums are rank 0's.
     """
-    scores = {t.param_name: torch.zeros_like(t.weight, dtype=torch.float32) for t in targets}
+    world = world or World.alone(next(model.parameters()).device)
+    scores = {
+        t.param_name: torch.zeros(t.weight.shape, dtype=torch.float32, device=world.device)
+        for t in targets
+    }
+    counts = [True]
+
+    def sink(target: Target) -> Sink:
+        def add(x: torch.Tensor, g: torch.Tensor) -> None:
+            if counts[0]:
+                out = target.module.out_features
+                from_x = from_activations(gradient_rotation, x.shape[0], out)
+                rotate = rotate_activations if from_x else rotate_weight_gradient
+                scores[target.param_name].add_(rotate(x, g, bases.for_target(target)).abs_())
+
+        return add
+
     flags = {param: param.requires_grad for param in model.parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    for target in targets:
-        target.weight.requires_grad_(True)
+    model.enable_input_require_grads()  # gradients reach the targets' inputs
     try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
-            for target in targets:
-                rotated = target.weight.grad.float() @ bases.for_target(target)
-                scores[target.param_name].add_(rotated.abs_())
-            if on_batch:
-                on_batch()
+        with rotated_backward({t.module: sink(t) for t in targets}):
+            for batch, counted in world.deal(batches):
+                counts[0] = counted
+                model(**batch).loss.backward()
+                if on_batch:
+                    on_batch()
     finally:
-        model.zero_grad(set_to_none=True)
+        model.disable_input_require_grads()
         for param, flag in flags.items():
             param.requires_grad_(flag)
+    for values in scores.values():
+        world.reduce_(values)
     return scores
 
 

@@ -12,12 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def world_size() -> int:
-    """How many processes run this job: 1 unless torch.distributed is initialised."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def resolve_device(device: str | None = None) -> torch.device:
     """The job's device: the one asked for, else the first CUDA device, else the CPU."""
     if device:
@@ -36,6 +30,12 @@ def resolve_gradient_checkpointing(setting: bool | str, device: torch.device) ->
     """`auto` recomputes activations on CUDA, where they dominate a 7B job's memory; on the
     CPU memory is rarely the limit and the recomputation would only cost time."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def resolve_keep_rotated(setting: bool | str, device: torch.device) -> bool:
+    """`auto` holds rotated gradients through the optimizer step on the CPU, where memory is
+    rarely the limit, and forms them again on CUDA, where it is."""
+    return device.type != "cuda" if setting == "auto" else bool(setting)
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, Any]:

@@ -4,6 +4,12 @@
 records its completion in `out_dir/state.json` after its outputs are on disk, and training
 checkpoints every `checkpoint_every` steps, so calling `run` again on the same directory
 resumes where the last call stopped instead of starting over.
+
+Under torchrun every process runs this same pipeline as one rank of the job
+(`warp_core.distributed`): the model is sharded by FSDP2, each phase splits its batches
+between the ranks, and rank 0 alone writes the artifacts and reports events. Ranks agree on
+every stop request, so they stop at the same step. Evaluation runs the same batches on every
+rank (a sharded model needs all of them for a forward pass).
 """
 
 from __future__ import annotations
@@ -12,17 +18,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from warp_core import evaluate as evaluation
-from warp_core.basis import Bases, build_bases, spectrum
+from warp_core.basis import build_bases, spectrum
+from warp_core.checkpoint import Checkpoint
 from warp_core.data import Encoded, batches, encode_examples, load_examples, pad_token_id
+from warp_core.distributed import World
 from warp_core.events import Cancelled, Event, EventCallback
 from warp_core.export import (
+    full_state_dict,
     load_bases,
     load_masks,
     read_json,
@@ -31,7 +40,7 @@ from warp_core.export import (
     save_model,
     write_json,
 )
-from warp_core.finetune import Checkpoint, PlainSlot, RotatedSlot, Slot, StepReport, train
+from warp_core.finetune import StepReport, train
 from warp_core.importance import importance_scores, masks_from_importance, random_scores
 from warp_core.memory import PeakMemory
 from warp_core.model import (
@@ -40,11 +49,13 @@ from warp_core.model import (
     resolve_device,
     resolve_dtype,
     resolve_gradient_checkpointing,
+    resolve_keep_rotated,
     set_trainable,
     untie_lm_head,
-    world_size,
 )
 from warp_core.report import write_report
+from warp_core.rotation import ActivationRotation
+from warp_core.slots import PlainSlot, RotatedSlot, Slot
 from warp_core.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -72,12 +83,14 @@ class RunState:
     def done(self, stage: str) -> bool:
         return stage in self.completed
 
-    def complete(self, stage: str, seconds: float, peak_bytes: int | None) -> None:
+    def complete(self, stage: str, seconds: float, peak_bytes: int | None, write: bool) -> None:
+        """Record a finished stage (in the file too when `write`: rank 0's job)."""
         self.completed.append(stage)
         self.timings[stage] = round(seconds, 3)
         self.memory[stage] = peak_bytes
-        state = {"completed": self.completed, "timings": self.timings, "memory": self.memory}
-        write_json(self.path, state)
+        if write:
+            state = {"completed": self.completed, "timings": self.timings, "memory": self.memory}
+            write_json(self.path, state)
 
 
 class Pipeline:
@@ -88,13 +101,15 @@ class Pipeline:
         on_event: EventCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         device: str | None = None,
+        world: World | None = None,
     ) -> None:
         self.spec = spec
         self.hp = spec.hyperparameters
         self.out = out_dir
         self.on_event = on_event or (lambda event: None)
         self.should_stop = should_stop or (lambda: False)
-        self.device = resolve_device(device)
+        self.world = world or World.alone(resolve_device(device))
+        self.device = self.world.device
         self.dtype = resolve_dtype(self.hp.dtype, self.device)
         self.state = RunState(out_dir / "state.json")
         self.stages = [
@@ -108,10 +123,14 @@ class Pipeline:
     # -- events and cancellation ---------------------------------------------------------
 
     def check_stop(self) -> None:
-        if self.should_stop():
+        """Raise `Cancelled` once a stop is requested; every rank calls it at the same points
+        and they agree, so all stop at the same step."""
+        if self.world.any(self.should_stop()):
             raise Cancelled("cancelled by request")
 
     def emit(self, kind: str, **data: Any) -> None:
+        if not self.world.main:
+            return
         self.on_event(Event(kind, STAGES[self._stage][0] if self._stage else None, data))
 
     def fraction(self) -> float:
@@ -149,7 +168,8 @@ class Pipeline:
         with PeakMemory(self.device) as peak:
             work()
         seconds = time.perf_counter() - started
-        self.state.complete(name, seconds, peak.bytes)
+        self.world.barrier()  # rank 0 has written the stage's outputs before anyone reads them
+        self.state.complete(name, seconds, self.world.most(peak.bytes), self.world.main)
         self.emit("phase_finished", seconds=round(seconds, 3), fraction=self.fraction(), **which)
 
     # -- inputs ----------------------------------------------------------------------------
@@ -158,9 +178,14 @@ class Pipeline:
     def loaded(self) -> tuple[Any, Any]:
         """The model being trained (or, once Phase 3 is complete, the fine-tuned one)."""
         path = self.out / "model" if self.state.done("finetune") else self.spec.base_model
-        model, tokenizer = load_model(str(path), self.dtype, self.device)
-        if "lm_head" in self.hp.target_modules and untie_lm_head(model):
+        sharded = self.world.size > 1  # FSDP2 moves each rank's shard to its device
+        device = torch.device("cpu") if sharded else self.device
+        model, tokenizer = load_model(str(path), self.dtype, device)
+        # A tied head moves the embeddings when it trains, and FSDP2 shards it apart from
+        # them (`World.shard`): give it its own weight in either case.
+        if ("lm_head" in self.hp.target_modules or sharded) and untie_lm_head(model):
             self.emit("log", message="lm_head was tied to the embeddings; untied it")
+        self.world.shard(model)
         return model, tokenizer
 
     @property
@@ -217,48 +242,67 @@ class Pipeline:
             self.hp.batch_size,
             on_batch=self.counter(total),
         )
-        write_json(self.out / "eval" / f"{which}.json", {"metrics": metrics, "samples": samples})
+        if self.world.main:
+            payload = {"metrics": metrics, "samples": samples}
+            write_json(self.out / "eval" / f"{which}.json", payload)
+
+    def rounds(self, batches_: list) -> int:
+        """Batches each rank passes when `batches_` are dealt between the ranks."""
+        return -(-len(batches_) // self.world.size)
 
     def build_bases(self) -> None:
         batches_ = self.safety_batches(self.hp.basis_batch_size)
-        bases = build_bases(self.model, self.targets, batches_, self.counter(len(batches_)))
-        save_bases(self.out / "warp", bases, spectrum(bases))
+        on_batch = self.counter(self.rounds(batches_))
+        bases = build_bases(self.model, self.targets, batches_, on_batch, self.world)
+        if self.world.main:
+            save_bases(self.out / "warp", bases, spectrum(bases))
 
     def score_importance(self) -> None:
-        bases = self.bases()
+        bases = load_bases(self.out / "warp", self.device)  # whole: every rank rotates
         if self.hp.mask_strategy == "random":
             shapes = {t.param_name: t.weight.shape for t in self.targets}
             scores = random_scores(shapes, self.hp.seed, self.device)
         else:
             batches_ = self.safety_batches(self.hp.importance_batch_size)
+            on_batch = self.counter(self.rounds(batches_))
             scores = importance_scores(
-                self.model, self.targets, bases, batches_, self.counter(len(batches_))
+                self.model,
+                self.targets,
+                bases,
+                batches_,
+                on_batch,
+                self.world,
+                self.hp.gradient_rotation,
             )
-        masks = masks_from_importance(scores, self.hp.keep_ratio, self.hp.mask_scope)
-        save_masks(self.out / "warp", self.targets, bases, masks)
-
-    def bases(self) -> Bases:
-        return load_bases(self.out / "warp", self.device)
+        if self.world.main:
+            masks = masks_from_importance(scores, self.hp.keep_ratio, self.hp.mask_scope)
+            save_masks(self.out / "warp", self.targets, bases, masks)
 
     def slots(self) -> list[Slot]:
-        """Trainable state: rotated deltas for WaRP targets, plain weights otherwise."""
+        """Trainable state: rotated deltas for WaRP targets, plain weights otherwise, each on
+        this rank's rows (its bases gathered when a rotation needs them)."""
         set_trainable(self.model, self.targets, self.hp.train_other_params)
+        cpu = torch.device("cpu")
+        state_device = cpu if "optimizer_state" in self.hp.offload else self.device
+        base_device = cpu if "base_weights" in self.hp.offload else self.device
         target_params = {t.param_name for t in self.targets}
         slots: list[Slot] = []
         if self.spec.method == "warp":
-            bases = self.bases()
-            masks = load_masks(self.out / "warp", self.device) if self.hp.keep_ratio else {}
-            # pop: each bool mask is freed once its slot holds it packed
-            slots += [
-                RotatedSlot(
-                    t.param_name, t.weight, bases.for_target(t), masks.pop(t.param_name, None)
+            rows = self.world.rows if self.world.size > 1 else None
+            bases = load_bases(self.out / "warp", self.device, rows)
+            masks = load_masks(self.out / "warp", self.device, rows) if self.hp.keep_ratio else {}
+            for t in self.targets:
+                key = bases.key_of[t.name]
+                basis = partial(self.world.full, key, bases.U[key], t.module.in_features)
+                # pop: each bool mask is freed once its slot holds it packed
+                frozen = masks.pop(t.param_name, None)
+                slots.append(
+                    RotatedSlot(t.param_name, t.weight, basis, frozen, state_device, base_device)
                 )
-                for t in self.targets
-            ]
         else:
-            slots += [PlainSlot(t.param_name, t.weight) for t in self.targets]
+            slots += [PlainSlot(t.param_name, t.weight, state_device) for t in self.targets]
         slots += [
-            PlainSlot(name, param)
+            PlainSlot(name, param, state_device)
             for name, param in self.model.named_parameters()
             if param.requires_grad and name not in target_params
         ]
@@ -279,34 +323,53 @@ class Pipeline:
                 eta_s=round(remaining, 1),
             )
 
-        checkpoint = Checkpoint(self.out / "checkpoints" / "finetune.pt")
-        if checkpoint.path.exists():
+        checkpoint = Checkpoint(self.out / "checkpoints" / "finetune", self.world)
+        if checkpoint.exists:
             self.emit("log", message="fine-tuning resumes from its last checkpoint")
         recompute = resolve_gradient_checkpointing(self.hp.gradient_checkpointing, self.device)
         if recompute:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
+        slots = self.slots()
+        keep = resolve_keep_rotated(self.hp.keep_rotated_gradients, self.device)
         steps = train(
             self.model,
-            self.slots(),
+            slots,
             examples,
             self.hp,
             pad_token_id(self.tokenizer),
             checkpoint,
             on_step=report,
             check_stop=self.check_stop,
+            world=self.world,
+            rotation=self.rotation(slots, keep),
+            keep_rotated=keep,
         )
         if recompute:
             self.model.activation_checkpointing_disable()
         for param in self.model.parameters():
             param.requires_grad_(False)
-        save_model(self.model, self.tokenizer, self.out / "model")
-        write_json(self.out / "training.json", {"steps": steps, "examples": len(examples)})
+        weights = full_state_dict(self.model, self.world)
+        if self.world.main:
+            save_model(self.model, self.tokenizer, self.out / "model", weights)
+            write_json(self.out / "training.json", {"steps": steps, "examples": len(examples)})
+
+    def rotation(self, slots: list[Slot], keep: bool) -> ActivationRotation | None:
+        """Which WaRP targets form their rotated gradient from activations, step by step."""
+        rotated = [slot for slot in slots if isinstance(slot, RotatedSlot)]
+        if not rotated:
+            return None
+        modules = {t.param_name: t.module for t in self.targets}
+        head = self.model.get_output_embeddings()
+        # Held rotated gradients cost one rotation a step, formed again two.
+        rotations = 1 if keep or self.hp.max_grad_norm is None else 2
+        entries = [(slot, modules[slot.name], modules[slot.name] is head) for slot in rotated]
+        return ActivationRotation(entries, self.hp.gradient_rotation, rotations)
 
     # -- the job ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        self._write_spec()
+        self._check_spec()
         torch.manual_seed(self.hp.seed)
         self.stage("evaluate_before", lambda: self.evaluate("before"))
         self.stage("basis", self.build_bases)
@@ -314,18 +377,22 @@ class Pipeline:
         self.stage("finetune", self.finetune)
         self.stage("evaluate_after", lambda: self.evaluate("after"))
         metrics = self.metrics()
-        write_json(self.out / "metrics.json", metrics)
-        if metrics["before"] and metrics["after"]:
-            write_report(self.out, metrics, self.spec.model_dump(mode="json"))
+        if self.world.main:
+            write_json(self.out / "metrics.json", metrics)
+            if metrics["before"] and metrics["after"]:
+                write_report(self.out, metrics, self.spec.model_dump(mode="json"))
         return metrics
 
-    def _write_spec(self) -> None:
-        """Record the spec; refuse to resume a directory that holds another spec's outputs."""
+    def _check_spec(self) -> None:
+        """Record the spec; refuse to resume a directory that holds another spec's outputs
+        (every rank checks before rank 0 writes)."""
         path = self.out / "spec.json"
         current = self.spec.model_dump(mode="json")
         if path.exists() and read_json(path) != current:
             raise ValueError(f"{self.out} holds the outputs of a different spec; use a new one")
-        write_json(path, current)
+        self.world.barrier()
+        if self.world.main:
+            write_json(path, current)
 
     def metrics(self) -> dict[str, Any]:
         def evaluated(which: str) -> dict[str, Any] | None:
@@ -353,7 +420,7 @@ class Pipeline:
                 "finetune": _peak(memory, "finetune"),
                 "evaluate": _peak(memory, "evaluate_before", "evaluate_after"),
             },
-            "world_size": world_size(),
+            "world_size": self.world.size,
             "training": read_json(self.out / "training.json"),
             "spectrum": read_json(spectrum_path) if spectrum_path.exists() else {},
         }
@@ -371,8 +438,15 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) `spec` into `out_dir`; returns the metrics written to metrics.json."""
-    return Pipeline(spec, Path(out_dir), on_event, should_stop, device).run()
+    """Run (or resume) `spec` into `out_dir`; returns the metrics written to metrics.json.
+
+    Under torchrun this process joins the job's other ranks (`World.join`).
+    """
+    world = World.join(device)
+    try:
+        return Pipeline(spec, Path(out_dir), on_event, should_stop, world=world).run()
+    finally:
+        world.close()
 
 
 def load_spec(path: str | Path) -> JobSpec:

@@ -29,7 +29,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from warp_core.data import Encoded, Example, encode_example, encode_prompt, pad_token_id
 from warp_core.evaluate import generate, refusal_rate, response_loss
 from warp_core.export import write_json
-from warp_core.finetune import PlainSlot, StepReport, train
+from warp_core.finetune import StepReport, train
+from warp_core.slots import PlainSlot
 from warp_core.spec import Hyperparameters, JobSpec
 from warp_core.testing import EXAMPLE_DATA, save_checkpoint, tiny_llama, train_tokenizer
 
@@ -359,7 +360,8 @@ def _align(
 ) -> float:
     """Train every parameter on the schedule (no checkpoints); returns the last step's loss."""
     hp = Hyperparameters(learning_rate=config.learning_rate, **ALIGNMENT_OPTIMIZER)
-    slots = [PlainSlot(name, param) for name, param in model.named_parameters()]
+    device = next(model.parameters()).device
+    slots = [PlainSlot(name, param, device) for name, param in model.named_parameters()]
     reports: list[StepReport] = []
 
     def report(step: StepReport) -> None:
