@@ -42,7 +42,9 @@ def group_by_input(
 
     Detected, not hard-coded, so any architecture works. References to the inputs are held
     until grouping ends, so two groups can never share a tensor identity by address reuse.
-    Each group is keyed by its first target's name.
+    Each group is keyed by its first target's name. A batch without an attention mask is
+    one unpadded sequence: the planner's forward on the meta device (`warp_core.plan`),
+    where a mask's values cannot be inspected, passes none.
     """
     seen: list[tuple[Target, torch.Tensor]] = []
 
@@ -50,9 +52,12 @@ def group_by_input(
         return lambda _module, args: seen.append((target, args[0]))
 
     handles = [t.module.register_forward_pre_hook(recorder(t)) for t in targets]
+    mask = batch.get("attention_mask")
     try:
         with torch.no_grad():
-            model(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1])
+            model(
+                input_ids=batch["input_ids"][:1], attention_mask=None if mask is None else mask[:1]
+            )
     finally:
         for handle in handles:
             handle.remove()

@@ -136,7 +136,7 @@ class Checkpoint:
             for key, flat in targets.items():
                 values = local(state[key])
                 for block in slot.blocks:
-                    part = slot.trainable(block, values[block.rows].to(flat.device))
+                    part = slot.compress(block, values[block.rows].to(flat.device))
                     flat[block.state] = part
             for block in slot.blocks:
                 slot.write_back(block)

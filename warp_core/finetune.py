@@ -187,11 +187,11 @@ def step_slots(
 ) -> float:
     """One optimizer step, a slot block at a time; returns the gradient norm before clipping.
 
-    With clipping, a first pass takes the global norm of the masked rotated gradients; the
-    second clips, updates and writes back each block. `keep_rotated` holds each block's
-    trainable gradient between the passes (and drops the weight gradient it came from);
-    otherwise the second pass forms it again, one more rotation per step for less memory.
-    Clipping is `torch.nn.utils.clip_grad_norm_`'s, to the bit.
+    With clipping, a first pass takes the global norm of the slots' gradients; the second
+    clips, updates and writes back each block. `keep_rotated` holds each block's gradient
+    between the passes (and drops the weight gradient it came from); otherwise the second
+    pass forms it again, one more rotation per step for less memory. Clipping is
+    `torch.nn.utils.clip_grad_norm_`'s (`max_norm / (norm + 1e-6)`, at most 1).
     """
     stepped = [slot for slot in slots if slot.param.grad is not None]
     norms: list[torch.Tensor] = []
@@ -203,7 +203,7 @@ def step_slots(
                 gradient = slot.gradient(block)
                 norms.append(torch.linalg.vector_norm(gradient))
                 if keep_rotated:
-                    held[i, j] = slot.trainable(block, gradient)
+                    held[i, j] = gradient
             if keep_rotated:
                 slot.release_grad()
         total = _total_norm(norms, world)
@@ -212,10 +212,9 @@ def step_slots(
         for j, block in enumerate(slot.blocks):
             grad = held.pop((i, j), None)
             if grad is None:
-                gradient = slot.gradient(block)
+                grad = slot.gradient(block)
                 if scale is None:
-                    norms.append(torch.linalg.vector_norm(gradient))
-                grad = slot.trainable(block, gradient)
+                    norms.append(torch.linalg.vector_norm(grad))
             if scale is not None:
                 grad.mul_(scale.to(grad.device))
             optimizer.update(slot, block, grad, learning_rate)

@@ -72,14 +72,15 @@ class Slot(Protocol):
     blocks: list[Block]
 
     def gradient(self, block: Block) -> torch.Tensor:
-        """The block's gradient in the state's coordinates, fp32, dense (rows x columns),
-        zero where the state has no entry."""
+        """The gradient of the block's state, fp32, flat in `master`'s order (rotated and
+        masked for a WaRP target: frozen coefficients have no entry)."""
 
-    def trainable(self, block: Block, gradient: torch.Tensor) -> torch.Tensor:
-        """`gradient` at the block's state entries, flat, in `master`'s order."""
+    def compress(self, block: Block, values: torch.Tensor) -> torch.Tensor:
+        """A rows x columns block of values at the block's state entries, flat."""
 
     def dense(self, block: Block, flat: torch.Tensor) -> torch.Tensor:
-        """A flat block of state (or of its moments) as rows x columns, zero elsewhere."""
+        """A flat block of state (or of its moments) as rows x columns, zero elsewhere:
+        the inverse of `compress`."""
 
     def write_back(self, block: Block) -> None:
         """Make the block's rows of the model weight reflect `master`."""
@@ -127,15 +128,12 @@ class RotatedSlot:
 
     def gradient(self, block: Block) -> torch.Tensor:
         grad = local(self.param.grad)[block.rows].float()
-        rotated = grad if self.grad_is_rotated else grad @ self.basis()
-        if self.frozen_bits is not None:
-            rotated.masked_fill_(self._frozen(block), 0.0)
-        return rotated
+        return self.compress(block, grad if self.grad_is_rotated else grad @ self.basis())
 
-    def trainable(self, block: Block, gradient: torch.Tensor) -> torch.Tensor:
+    def compress(self, block: Block, values: torch.Tensor) -> torch.Tensor:
         if self.frozen_bits is None:
-            return gradient.reshape(-1)
-        return gradient[~self._frozen(block)]
+            return values.reshape(-1)
+        return values[~self._frozen(block)]
 
     def dense(self, block: Block, flat: torch.Tensor) -> torch.Tensor:
         rows = block.rows.stop - block.rows.start
@@ -169,14 +167,16 @@ class PlainSlot:
         self.rows = values.shape[0] if values.dim() else 1
         self.columns = values.numel() // max(self.rows, 1)
         self.shared = values.dtype == torch.float32 and values.device == state_device
-        self.master = (values if self.shared else _copy_to(values.float(), state_device)).view(-1)
+        master = values if self.shared else _copy_to(values, state_device, torch.float32)
+        self.master = master.view(-1)
         self.blocks = row_blocks(torch.full((self.rows,), self.columns), self.columns)
 
     def gradient(self, block: Block) -> torch.Tensor:
-        return local(self.param.grad).view(self.rows, self.columns)[block.rows].float()
+        grad = local(self.param.grad).view(self.rows, self.columns)[block.rows].float()
+        return self.compress(block, grad)
 
-    def trainable(self, block: Block, gradient: torch.Tensor) -> torch.Tensor:
-        return gradient.reshape(-1)
+    def compress(self, block: Block, values: torch.Tensor) -> torch.Tensor:
+        return values.reshape(-1)
 
     def dense(self, block: Block, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(-1, self.columns)
@@ -191,9 +191,11 @@ class PlainSlot:
         self.param.grad = None
 
 
-def _copy_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A copy of `tensor` on `device`; pinned in host memory when it comes from a GPU, so it
-    can travel back without blocking."""
-    if device.type == "cpu" and tensor.device.type == "cuda":
-        return tensor.to("cpu").pin_memory()
-    return tensor.clone().to(device)
+def _copy_to(
+    tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """A copy of `tensor` on `device` (in `dtype`), made in one allocation; pinned in host
+    memory when it comes from a GPU, so it can travel back without blocking."""
+    pinned = device.type == "cpu" and tensor.device.type == "cuda"
+    copy = torch.empty(tensor.shape, dtype=dtype or tensor.dtype, device=device, pin_memory=pinned)
+    return copy.copy_(tensor)
