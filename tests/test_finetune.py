@@ -4,6 +4,8 @@ option keeps the invariant and the bitwise resume."""
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 
@@ -83,6 +85,20 @@ def test_the_slot_optimizer_is_torch_adamw_to_the_bit():
             optimizer.update(slot, block, grad[block.rows].reshape(-1), lr)
         optimizer.finish(slot)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "name", typing.get_args(Hyperparameters.model_fields["lr_scheduler"].annotation)
+)
+def test_every_schedule_the_spec_accepts_runs_from_warmup_to_its_end(name):
+    hp = Hyperparameters(lr_scheduler=name, warmup_ratio=0.2, min_lr_rate=0.25)
+    rates = [SlotAdamW(hp, total_steps=10).learning_rate(step) for step in range(10)]
+    assert rates[0] < rates[2] == pytest.approx(hp.learning_rate)
+    ends = {"constant_with_warmup": 1.0, "cosine_with_min_lr": 0.25}
+    if name in ends:
+        assert rates[-1] >= ends[name] * hp.learning_rate * 0.99
+    elif name != "constant":
+        assert rates[-1] < 0.3 * hp.learning_rate
 
 
 def test_zero_steps_reproduce_the_base_logits_exactly(model_dir, tmp_path, tokenizer):

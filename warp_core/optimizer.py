@@ -40,11 +40,13 @@ class SlotAdamW:
         self.dtype = STATE_DTYPES[hp.optimizer_state_dtype]
         self.moments: dict[str, Moments] = {}
         placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=hp.learning_rate)
+        floor = {"min_lr_rate": hp.min_lr_rate} if hp.lr_scheduler == "cosine_with_min_lr" else None
         self._schedule = get_scheduler(
             hp.lr_scheduler,
             placeholder,
             num_warmup_steps=math.ceil(hp.warmup_ratio * total_steps),
             num_training_steps=total_steps,
+            scheduler_specific_kwargs=floor,
         )
 
     def learning_rate(self, step: int) -> float:

@@ -142,6 +142,13 @@ class Hyperparameters(_Strict):
         "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"
     ] = Field("cosine", description="transformers learning-rate schedule name.")
     warmup_ratio: float = Field(0.1, ge=0, le=1, description="Fraction of steps warming up.")
+    min_lr_rate: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="cosine_with_min_lr only: the learning rate it decays to, as a share of "
+        "learning_rate.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     adam_beta1: float = Field(
         0.9, ge=0, lt=1, description="AdamW decay rate of the gradient's running mean."
