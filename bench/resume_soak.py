@@ -7,7 +7,9 @@ reference `model.safetensors` sha256. Then each cycle starts the same job in a f
 directory (`python -m warp_core run`, a process of its own), waits for its first training
 checkpoint, SIGKILLs it after a random delay, runs it again to the end and compares the sha.
 
-Run from the repository root: `.venv/bin/python bench/resume_soak.py --cycles 100`.
+Run from the repository root: `.venv/bin/python bench/resume_soak.py --cycles 100`;
+`--nproc-per-node 2` runs every job in two processes (torchrun, gloo): the kill then hits
+the launcher, and its ranks die with it.
 """
 
 from __future__ import annotations
@@ -43,34 +45,30 @@ def job(spec_path: Path) -> Path:
     return path
 
 
-def run_to_end(spec: Path, out: Path) -> str:
-    subprocess.run([*RUN, str(spec), "--out", str(out)], check=True, capture_output=True)
+def command(spec: Path, out: Path, processes: int) -> list[str]:
+    return [*RUN, str(spec), "--out", str(out), "--nproc-per-node", str(processes)]
+
+
+def run_to_end(spec: Path, out: Path, processes: int) -> str:
+    subprocess.run(command(spec, out, processes), check=True, capture_output=True)
     return sha256(out / "model" / "model.safetensors")
 
 
-def killed_then_resumed(spec: Path, out: Path, delay_s: float) -> tuple[str, int]:
+def killed_then_resumed(spec: Path, out: Path, delay_s: float, processes: int) -> tuple[str, int]:
     """The sha after a kill `delay_s` after the first checkpoint, and the step it resumed at."""
     process = subprocess.Popen(
-        [*RUN, str(spec), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        command(spec, out, processes), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    checkpoint = out / "checkpoints" / "finetune.pt"
-    while not checkpoint.exists() and process.poll() is None:
+    latest = out / "checkpoints" / "finetune" / "latest.json"
+    while not latest.exists() and process.poll() is None:
         time.sleep(0.02)
     time.sleep(delay_s)
     process.send_signal(signal.SIGKILL)
     process.wait()
     state = json.loads((out / "state.json").read_text())
     finished = "finetune" in state["completed"]
-    step = -1 if finished else _checkpoint_step(checkpoint)
-    return run_to_end(spec, out), step
-
-
-def _checkpoint_step(path: Path) -> int:
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+    step = -1 if finished else json.loads(latest.read_text())["step"]
+    return run_to_end(spec, out, processes), step
 
 
 def main() -> None:
@@ -78,6 +76,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=100)
     parser.add_argument("--max-delay", type=float, default=3.0, help="seconds after the checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc-per-node", type=int, default=1)
     ns = parser.parse_args()
     rng = random.Random(ns.seed)
     with tempfile.TemporaryDirectory(prefix="warp-resume-soak-") as scratch:
@@ -85,13 +84,14 @@ def main() -> None:
         _, spec_path = build_tiny_model(root / "tiny", quick=True)
         spec = job(spec_path)
         started = time.monotonic()
-        reference = run_to_end(spec, root / "reference")
+        reference = run_to_end(spec, root / "reference", ns.nproc_per_node)
         print(f"reference {reference[:16]} in {time.monotonic() - started:.1f} s", flush=True)
         mismatches = []
         started = time.monotonic()
         for cycle in range(ns.cycles):
             delay = rng.uniform(0, ns.max_delay)
-            sha, step = killed_then_resumed(spec, root / f"cycle-{cycle}", delay)
+            out = root / f"cycle-{cycle}"
+            sha, step = killed_then_resumed(spec, out, delay, ns.nproc_per_node)
             if sha != reference:
                 mismatches.append((cycle, delay, step))
                 print(f"cycle {cycle}: MISMATCH (delay {delay:.3f} s, step {step})", flush=True)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from warp_core import bits
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5), (64, 17), (2, 3, 11)])
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (9,), (3, 5), (64, 17), (2, 3, 11), (0, 6)])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 def test_pack_then_unpack_is_the_identity(shape, density):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < density
     packed = bits.pack(mask)
-    rows = mask.numel() // shape[-1]
+    rows = math.prod(shape[:-1])
     assert packed.dtype == torch.uint8 and packed.numel() == rows * -(-shape[-1] // 8)
     assert torch.equal(bits.unpack(packed, shape[-1]), mask)
 

@@ -31,10 +31,10 @@ def pack(mask: torch.Tensor) -> torch.Tensor:
     columns = mask.shape[-1]
     flat = mask.reshape(-1, columns).to(torch.uint8)
     flat = torch.nn.functional.pad(flat, (0, -columns % 8))
-    packed = (flat.view(flat.shape[0], -1, 8) * _bit_values(mask.device)).sum(
+    packed = (flat.view(flat.shape[0], flat.shape[1] // 8, 8) * _bit_values(mask.device)).sum(
         dim=2, dtype=torch.uint8
     )
-    return packed.view(*mask.shape[:-1], -1)
+    return packed.view(*mask.shape[:-1], packed.shape[1])
 
 
 def unpack(packed: torch.Tensor, columns: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -18,6 +18,8 @@ from warp_core.spec import format_validation_error
 
 if TYPE_CHECKING:
     from warp_core.finetune import StepReport
+    from warp_core.plan import ModelShape, Plan
+    from warp_core.spec import JobSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -222,6 +224,116 @@ def make_toy_model_command(
     typer.echo(f"spec:   {spec_path} (WaRP)")
     typer.echo(f"        {spec_path.parent / 'spec-full.json'} (plain fine-tuning)")
     typer.echo(f"run it: warp run {spec_path} --out runs/toy-warp")
+
+
+@app.command("plan")
+def plan_command(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.json", help="The job spec.")],
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node", min=1, help="Processes (default: the spec's resources.gpus)."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    device: Annotated[
+        str, typer.Option(help="cuda (what a GPU holds) or cpu (what metrics.json reports there).")
+    ] = "cuda",
+) -> None:
+    """Predict a job's peak memory per process and phase from its model's config.json alone.
+
+    No weights are loaded (a directory holding only config.json will do). Prints, per phase,
+    the model resident at its start, what the phase adds and their sum, the GPU sizes the
+    job fits and, for the others, the options that would make it fit.
+    """
+    from warp_core import plan as planning
+    from warp_core.pipeline import load_spec
+
+    if device not in ("cuda", "cpu"):
+        console.print(f"[red]--device must be cuda or cpu, not {device!r}[/red]")
+        raise typer.Exit(2)
+    try:
+        spec = load_spec(spec_path)
+    except ValidationError as exc:
+        console.print(f"[red]invalid spec {spec_path}:[/red]\n{format_validation_error(exc)}")
+        raise typer.Exit(2) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        console.print(f"[red]cannot read spec {spec_path}:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _quiet_libraries()
+    try:
+        shape = planning.read_shape(spec.base_model, spec.hyperparameters.target_modules)
+    except Exception as exc:  # any loader failure means the same thing to the user
+        console.print(f"[red]cannot plan {spec.base_model!r}:[/red] {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    processes = nproc_per_node or spec.resources.gpus
+    spec = planning.apply(spec, [planning.Change("", {"resources.gpus": processes})])
+    predicted = planning.plan(spec, shape, device=device)
+    gpus = _gpu_fits(spec, shape, predicted) if device == "cuda" else []
+    if as_json:
+        print(json.dumps({**predicted.as_dict(), "kept_free": planning.KEPT_FREE, "gpus": gpus}))
+    else:
+        _show_plan(predicted, gpus)
+
+
+def _gpu_fits(spec: JobSpec, shape: ModelShape, predicted: Plan) -> list[dict[str, Any]]:
+    """Per common GPU size: whether the plan fits and, if not, the options that would make
+    it fit (`plan.ways_to_fit`; more processes are tried up to 64)."""
+    from warp_core import plan as planning
+
+    more = [n for n in (2, 4, 8, 16, 32, 64) if n > predicted.processes]
+    found = []
+    for gib in planning.GPU_SIZES_GIB:
+        usable = planning.usable_bytes(gib)
+        entry: dict[str, Any] = {"gib": gib, "usable": usable, "fits": predicted.peak <= usable}
+        if not entry["fits"]:
+            way = planning.ways_to_fit(spec, shape, lambda _n, u=usable: u, more)
+            entry["options"] = None if way is None else [c.label for c in way[0]]
+            entry["peak_with_options"] = None if way is None else way[1].peak
+        found.append(entry)
+    return found
+
+
+def _show_plan(predicted: Plan, gpus: list[dict[str, Any]]) -> None:
+    """The plan as a table of GiB per process, then the GPU sizes."""
+    from warp_core.plan import GIB, KEPT_FREE
+
+    out = Console()
+    processes = f"{predicted.processes} process" + ("es" if predicted.processes > 1 else "")
+    table = Table(
+        title=f"{predicted.method} job, {processes}, {predicted.device}, {predicted.dtype}: "
+        "GiB per process"
+    )
+    for column in ("phase", "resident", "added", "peak", "peak moment"):
+        table.add_column(column, justify="left" if column.startswith("p") else "right")
+    for phase in predicted.phases:
+        table.add_row(
+            phase.name,
+            f"{phase.resident / GIB:.1f}",
+            f"{phase.added / GIB:.1f}",
+            f"{phase.peak / GIB:.1f}",
+            phase.peak_moment.name,
+        )
+    out.print(table)
+    if not gpus:
+        out.print("on the CPU metrics.json reports `added`: the rise over the loaded model")
+        return
+    fits = [str(gpu["gib"]) for gpu in gpus if gpu["fits"]]
+    out.print(
+        f"peak {predicted.peak / GIB:.1f} GiB ({predicted.largest.name}); fits GPUs of "
+        f"{', '.join(fits) or 'none of'} GiB ({KEPT_FREE:.0%} of each kept free for the CUDA "
+        "context, library workspaces and allocator fragmentation)",
+        highlight=False,
+    )
+    for gpu in gpus:
+        if gpu["fits"]:
+            continue
+        if gpu["options"] is None:
+            out.print(f"  {gpu['gib']} GiB: no option makes it fit", highlight=False)
+        else:
+            options = ", ".join(gpu["options"])
+            peak = gpu["peak_with_options"] / GIB
+            out.print(f"  {gpu['gib']} GiB: {options} -> {peak:.1f} GiB", highlight=False)
 
 
 def _number(value: float | None) -> str:

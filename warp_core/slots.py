@@ -45,8 +45,11 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def row_blocks(free_per_row: torch.Tensor, columns: int) -> list[Block]:
     """Blocks of at most `BLOCK_ELEMENTS` coefficients over rows holding `free_per_row`
-    trainable coefficients each."""
+    trainable coefficients each. A process holding no row of the weight still gets one empty
+    block: it then gathers the weight's basis when the others do, and no collective waits."""
     rows = free_per_row.numel()
+    if rows == 0:
+        return [Block(slice(0, 0), slice(0, 0))]
     step = max(1, BLOCK_ELEMENTS // max(columns, 1))
     ends = torch.cat([free_per_row.new_zeros(1), free_per_row.cumsum(0)]).tolist()
     starts = range(0, rows, step)
