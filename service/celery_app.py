@@ -23,10 +23,12 @@ app.conf.update(
     # Redis redelivers an unacked message after the visibility timeout; it must exceed the
     # longest job or a healthy long job would be started twice.
     broker_transport_options={"visibility_timeout": settings.job_time_limit_s + 3600},
-    # Every job in a fresh child process: GPU memory and CUDA state die with it, and the
-    # parent, which never imports the pipeline, never initialises CUDA.
+    # Every job's task in a fresh child process, which runs the job as processes of its
+    # own (worker.process): nothing of one job outlives it, and neither the worker nor its
+    # children ever initialise CUDA.
     worker_max_tasks_per_child=1,
-    # The soft limit raises inside the job so it can report failure; the hard one kills.
+    # The soft limit raises in the task, which stops the job's processes and reports the
+    # failure; the hard one kills the task process, and the job's processes die with it.
     task_soft_time_limit=settings.job_soft_time_limit_s,
     task_time_limit=settings.job_time_limit_s,
     # One queue per GPU count. A worker started with no -Q consumes this one, the queue of

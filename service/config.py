@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -51,6 +52,12 @@ class Settings(BaseSettings):
     )
     max_upload_bytes: int = Field(100 * 1024 * 1024, description="Largest accepted upload.")
     cancel_poll_s: float = Field(0.5, description="How often a running job checks its flag.")
+    stop_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="A job asked to stop (cancelled, timed out) gets this long to reach its "
+        "next step and exit before its processes are killed.",
+    )
     lease_s: float = Field(
         30.0, gt=0, description="A worker's hold on a job lapses this long after it dies."
     )
@@ -61,6 +68,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories jobs may read local models and data from (JSON list); "
         "empty: Hub ids and uploads only. Embedded mode allows everything.",
+    )
+    gpu_memory_gib: dict[Annotated[int, Field(ge=1)], Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="The worker classes and their GPUs (JSON object: GPU count -> GiB of each "
+        'GPU, e.g. {"1": 80, "8": 80}). When set, the API refuses a job whose resources.gpus '
+        "is not a class, or whose predicted memory per process (warp_core.plan) does not fit "
+        "its class's GPUs. Empty: no memory check.",
     )
     auth_required: bool = Field(
         True, description="Require an API key; only embedded mode turns this off."
@@ -78,6 +92,18 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(
         8, ge=1, description="Queued or running jobs per API key (a key may set its own)."
     )
+
+    @model_validator(mode="after")
+    def _stop_before_the_hard_time_limit(self) -> Settings:
+        """A timed-out job is asked to stop and given `stop_grace_s`; the hard limit must come
+        later, or it would kill the worker child mid-stop and Celery would requeue the job
+        instead of reporting its timeout."""
+        if self.job_soft_time_limit_s + self.stop_grace_s >= self.job_time_limit_s:
+            raise ValueError(
+                "WARP_JOB_TIME_LIMIT_S must exceed WARP_JOB_SOFT_TIME_LIMIT_S + "
+                "WARP_STOP_GRACE_S (a timed-out job is stopped, then reported)"
+            )
+        return self
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -1,18 +1,24 @@
-"""Runs one job inside a worker process: warp_core's pipeline, reported through Redis.
+"""Runs one job from a worker's task process: `warp run` as a child process group
+(worker.process), reported through Redis.
 
-The runner needs Redis and the artifact store only. It publishes every pipeline event
-(throttled progress), honours the cancel flag at every step, resumes from the job's work
-directory after a redelivery, uploads the artifacts, and ends with one `finished` event.
+The runner needs Redis and the artifact store only. It holds the job's lease (its heartbeat
+is a thread here, beside the job's processes, never in them), checks the spec, starts the
+job's processes and relays their events (throttled progress), polls the cancel flag, and
+stops every process on cancel, timeout or a lost lease. How the processes ended decides the
+rest: succeeded (the artifacts are uploaded), failed, cancelled, or killed, which is no end
+at all: `AttemptLost` hands the job back to Celery, and its next delivery resumes from the
+checkpoint in the job's work directory. One `finished` event closes every job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from billiard.exceptions import SoftTimeLimitExceeded
@@ -24,10 +30,23 @@ from service.protocol import DONE_TTL_S, UPLOAD_PREFIX, EventPublisher, job_key,
 from service.sources import source_problems
 from service.status import JobStatus
 from service.storage import ArtifactStore
+from warp_core.events import Event
 from warp_core.preflight import PreflightError, check_spec
 from warp_core.spec import DatasetRef, JobSpec, format_validation_error
+from worker.process import LOG_NAME, JobProcess, tail
 
 log = logging.getLogger(__name__)
+
+RELAY_S = 0.1
+"""How often the runner reads the job's new events and looks at its processes."""
+
+Stopped = Literal["cancelled", "timeout", "taken_over"]
+
+
+class AttemptLost(RuntimeError):
+    """The job's processes were killed (a rank or the launcher: SIGKILL, the OOM killer) or
+    stopped by someone other than the service: the attempt ends without finishing the job,
+    which runs again from its checkpoint."""
 
 
 class JobRunner:
@@ -54,41 +73,99 @@ class JobRunner:
         with Lease(self.client, self.job_id, settings.lease_s) as self.lease:
             attempt = self.client.incr(job_key(self.job_id, "attempt"))
             if attempt > settings.max_attempts:
-                message = (
-                    f"the job was started {attempt - 1} times without finishing (its worker "
-                    f"died each time); giving up after {settings.max_attempts} attempts"
-                )
-                return self.finish(
-                    "failed", error={"code": "too_many_attempts", "message": message}
-                )
+                return self.give_up(attempt)
             self.events.publish("started", attempt=attempt, worker=socket.gethostname())
-            return self.attempt()
+            return self.attempt(attempt)
 
-    def attempt(self) -> JobStatus | str:
-        from warp_core.pipeline import Cancelled, run  # torch is imported in the child only
+    def give_up(self, attempt: int) -> JobStatus:
+        """Fail a job whose every attempt died, with what the last one printed if it ran here."""
+        message = (
+            f"the job was started {attempt - 1} times without finishing (its worker or its "
+            f"processes died each time); giving up after {settings.max_attempts} attempts"
+        )
+        if last_words := tail(self.attempt_dir(attempt - 1) / LOG_NAME):
+            message += f". The last attempt's output ended with:\n{last_words}"
+        return self.finish("failed", error={"code": "too_many_attempts", "message": message})
 
+    def attempt(self, number: int) -> JobStatus | str:
+        """Run the job's processes once and report how they ended.
+
+        Raises AttemptLost when they were killed: the job is not finished, and runs again.
+        """
         try:
             spec = self.prepare()
-            metrics = run(spec, self.out / "output", self.forward, self.should_stop)
-            for stored in self.store.upload_outputs(self.out / "output", self.job_id):
-                self.events.publish(
-                    "artifact", name=stored.name, size=stored.size, sha256=stored.sha256
-                )
-            return self.finish("succeeded", metrics=metrics)
-        except Cancelled:
-            if self.lease.lost.is_set():
-                log.warning("job %s: another worker took it over; this attempt stops", self.job_id)
-                return "taken_over"
-            return self.finish("cancelled")
+            with JobProcess(spec, self.out / "output", self.attempt_dir(number)) as child:
+                stopped = self.watch(child)
+            return self.conclude(child, stopped)
+        except AttemptLost:
+            raise
         except PreflightError as exc:
             return self.finish("failed", error={"code": "invalid_job", "message": str(exc)})
-        except SoftTimeLimitExceeded:
-            message = f"the job ran longer than {settings.job_soft_time_limit_s} s"
-            return self.finish("failed", error={"code": "timeout", "message": message})
+        except SoftTimeLimitExceeded:  # before the processes started, or after they ended
+            return self.timed_out()
         except Exception as exc:  # reported to the user; the worker stays healthy
             log.exception("job %s failed", self.job_id)
             message = f"{type(exc).__name__}: {exc}"
             return self.finish("failed", error={"code": "job_error", "message": message})
+
+    def attempt_dir(self, number: int) -> Path:
+        """An attempt's spec, event file and log: apart from the other attempts', so a late
+        writer of an earlier one can never be read as this one."""
+        return self.out / "attempts" / str(number)
+
+    def watch(self, child: JobProcess) -> Stopped | None:
+        """Relay the child's events until its processes end; returns why the runner stopped
+        them, or None if they ended by themselves.
+
+        Cancel and timeout ask every rank to stop at its next step (SIGTERM), and kill what
+        still runs after `stop_grace_s`; a lost lease kills at once: the job belongs to
+        another worker now, and its processes must not run beside that worker's.
+        """
+        stopped: Stopped | None = None
+        while child.poll() is None:
+            try:
+                self.relay(child)
+                if self.lease.lost.wait(RELAY_S):
+                    child.kill()
+                    return "taken_over"
+                if stopped is None and self.cancel_requested():
+                    stopped = "cancelled"
+                    child.stop(settings.stop_grace_s)
+            except SoftTimeLimitExceeded:
+                stopped = "timeout"
+                child.stop(settings.stop_grace_s)
+        self.relay(child)
+        return stopped
+
+    def conclude(self, child: JobProcess, stopped: Stopped | None) -> JobStatus | str:
+        """Report the attempt by how its processes ended, and why they were stopped."""
+        if stopped == "taken_over":
+            log.warning("job %s: another worker took it over; this attempt stops", self.job_id)
+            return "taken_over"
+        if stopped == "timeout":
+            return self.timed_out()
+        ending = child.ending()
+        if ending.status == "succeeded":
+            return self.succeed()
+        if stopped == "cancelled":
+            return self.finish("cancelled")
+        if ending.status == "failed":
+            return self.finish("failed", error={"code": "job_error", "message": ending.message})
+        log.warning("job %s: attempt lost (%s); it runs again", self.job_id, ending.message)
+        raise AttemptLost(ending.message)
+
+    def succeed(self) -> JobStatus:
+        output = self.out / "output"
+        metrics = json.loads((output / "metrics.json").read_text())
+        for stored in self.store.upload_outputs(output, self.job_id):
+            self.events.publish(
+                "artifact", name=stored.name, size=stored.size, sha256=stored.sha256
+            )
+        return self.finish("succeeded", metrics=metrics)
+
+    def timed_out(self) -> JobStatus:
+        message = f"the job ran longer than {settings.job_soft_time_limit_s} s"
+        return self.finish("failed", error={"code": "timeout", "message": message})
 
     def prepare(self) -> JobSpec:
         """The spec with uploaded files made local, checked before the model is loaded."""
@@ -115,7 +192,11 @@ class JobRunner:
             self.store.download(matches[0], local)
         return ref.model_copy(update={"source": str(local)})
 
-    def forward(self, event: Any) -> None:
+    def relay(self, child: JobProcess) -> None:
+        for event in child.events():
+            self.forward(event)
+
+    def forward(self, event: Event) -> None:
         """Publish a pipeline event; progress at most twice a second (and every phase's end)."""
         if event.kind == "progress":
             now = time.monotonic()
@@ -125,11 +206,8 @@ class JobRunner:
             self._last_progress = now
         self.events.publish(event.kind, event.phase, **event.data)
 
-    def should_stop(self) -> bool:
-        """True once the job is cancelled, or once another worker has taken it over (then
-        `attempt` stops without reporting: the job is that worker's now)."""
-        if self.lease.lost.is_set():
-            return True
+    def cancel_requested(self) -> bool:
+        """Whether the job's cancel flag is set, looked up at most every `cancel_poll_s`."""
         now = time.monotonic()
         if now - self._last_poll < settings.cancel_poll_s:
             return False

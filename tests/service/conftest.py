@@ -3,6 +3,7 @@ and a Celery worker, each a real process. Set up once per test session."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -159,6 +160,15 @@ def tiny_job(tmp_path_factory) -> dict:
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     return json.loads((out / "spec.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def long_job(tiny_job) -> dict:
+    """32 optimizer steps with a checkpoint every 2: long enough to be killed mid-training."""
+    spec = copy.deepcopy(tiny_job)
+    spec["utility_data"]["limit"] = 256
+    spec["hyperparameters"]["epochs"] = 2
+    return spec
 
 
 def invalid_fields(response: httpx.Response) -> list[str]:

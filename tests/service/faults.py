@@ -132,13 +132,16 @@ class FaultStack:
         os.killpg(self.api.pid, signal.SIGKILL)
         self.api.wait()
 
-    def start_worker(self) -> subprocess.Popen:
-        worker = spawn("worker", worker_command(), self.env, self.logs)
+    def start_worker(self, gpus: int = 1) -> subprocess.Popen:
+        """A worker for jobs on `gpus` GPUs (on this CPU-only machine, `gpus` gloo processes)."""
+        env = {**self.env, "WARP_WORKER_GPUS": str(gpus)}
+        worker = spawn(f"worker-{gpus}gpu", worker_command(), env, self.logs)
         self.workers.append(worker)
         return worker
 
-    def kill_job_process(self, worker: subprocess.Popen) -> None:
-        """SIGKILL the pool child running the job (an OOM kill); the worker lives on."""
+    def kill_task_process(self, worker: subprocess.Popen) -> None:
+        """SIGKILL the pool child running the job's task (an OOM kill), and so the job's
+        processes (they die with it); the worker lives on."""
         (child,) = children(worker.pid)
         os.kill(child, signal.SIGKILL)
 
@@ -157,8 +160,8 @@ class FaultStack:
 
     # -- observations ----------------------------------------------------------------------
 
-    def checkpoint(self, job_id: str) -> Path:
-        return self.home / "work" / job_id / "output" / "checkpoints" / "finetune.pt"
+    def has_checkpoint(self, job_id: str) -> bool:
+        return has_checkpoint(self.home / "work" / job_id / "output")
 
     def queued_message(self, job_id: str) -> bytes | None:
         """The job's message as it waits on the queue, if it does."""
@@ -171,8 +174,63 @@ class FaultStack:
         return self.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether a job writing to `out` has saved a complete training checkpoint, from one
+    process or sharded over several (`latest.json` names it once it is whole, see
+    warp_core.checkpoint)."""
+    return (out / "checkpoints" / "finetune" / "latest.json").exists()
+
+
 def children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def job_processes(job_id: str) -> dict[int, int | None]:
+    """The live processes running a job (`warp run`: its launcher and its ranks, whose command
+    lines name the job's work directory), pid -> rank (None: the launcher). A copy that one
+    of them forked and has not yet replaced by another program is left out."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()  # empty for a zombie: it is dead
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue  # not a process, or one that ended while we looked
+        if b"warp_core" in cmdline and f"/{job_id}/".encode() in cmdline:
+            ranks = [int(item[5:]) for item in environ if item.startswith(b"RANK=")]
+            found[int(entry.name)] = (parent, ranks[0] if ranks else None)
+    return {
+        pid: rank
+        for pid, (parent, rank) in found.items()
+        if parent not in found or found[parent][1] != rank
+    }
+
+
+class RunsAtOnce:
+    """Watches a job's processes in a thread, every 20 ms, while in its `with` block: the most
+    launchers and the most ranks seen alive at the same time (two runs at once would show
+    two launchers, or twice the ranks)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.launchers = self.ranks = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            ranks = list(job_processes(self.job_id).values())
+            self.launchers = max(self.launchers, ranks.count(None))
+            self.ranks = max(self.ranks, len(ranks) - ranks.count(None))
+
+    def __enter__(self) -> RunsAtOnce:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def wait(condition, what: str, timeout_s: float = 120, interval_s: float = 0.05):

@@ -1,6 +1,6 @@
-"""Faults injected into a running service (issue 5): killed workers, a lost worker host, an
-API restart, Redis and PostgreSQL outages. No job may be lost, run twice at once, or left
-`running` forever, and no event may be lost or duplicated.
+"""Faults injected into a running service (issues 5 and 11): killed workers and job processes,
+a lost worker host, an API restart, Redis and PostgreSQL outages. No job may be lost, run
+twice at once, or left `running` forever, and no event may be lost or duplicated.
 
 The tests assert those guarantees, not the path taken to them: with a 2 s lease on a busy
 machine a starved heartbeat can make the reaper send a job once more than the fault alone
@@ -9,7 +9,8 @@ attempts and `requeued` events are counted as "at least", never "exactly"."""
 
 from __future__ import annotations
 
-import copy
+import os
+import signal
 import uuid
 
 import pytest
@@ -17,7 +18,16 @@ import pytest
 from service.protocol import job_key
 from service.status import TERMINAL
 from tests.service.conftest import DATABASE, create_database, drop_database
-from tests.service.faults import LEASE_S, MAX_ATTEMPTS, QUEUE, RECLAIM_S, FaultStack, wait
+from tests.service.faults import (
+    LEASE_S,
+    MAX_ATTEMPTS,
+    QUEUE,
+    RECLAIM_S,
+    FaultStack,
+    RunsAtOnce,
+    job_processes,
+    wait,
+)
 
 PROGRESS = ("progress", "finetune")
 
@@ -35,15 +45,6 @@ def stack(tmp_path_factory):
     finally:
         stack.close()
         drop_database(name)
-
-
-@pytest.fixture(scope="module")
-def long_job(tiny_job) -> dict:
-    """32 optimizer steps with a checkpoint every 2: long enough to be killed mid-training."""
-    spec = copy.deepcopy(tiny_job)
-    spec["utility_data"]["limit"] = 256
-    spec["hyperparameters"]["epochs"] = 2
-    return spec
 
 
 def submit(stack: FaultStack, spec: dict) -> str:
@@ -104,13 +105,13 @@ def reference(stack, long_job) -> str:
     return model_sha256(stack, job_id)
 
 
-def test_a_job_whose_process_is_killed_mid_training_resumes_to_the_same_weights(
+def test_a_job_whose_task_process_is_killed_mid_training_resumes_to_the_same_weights(
     stack, long_job, reference
 ):
     worker = stack.start_worker()
     job_id = submit(stack, long_job)
-    wait(lambda: stack.checkpoint(job_id).exists(), "the first training checkpoint")
-    stack.kill_job_process(worker)
+    wait(lambda: stack.has_checkpoint(job_id), "the first training checkpoint")
+    stack.kill_task_process(worker)
     job = finished(stack, job_id)
     assert job["status"] == "succeeded" and 2 <= job["attempt"] <= MAX_ATTEMPTS, job
     events = assert_gap_free(stack, job_id)
@@ -122,7 +123,7 @@ def test_a_job_whose_process_is_killed_mid_training_resumes_to_the_same_weights(
 def test_a_lost_worker_host_is_noticed_and_its_job_runs_elsewhere(stack, long_job, reference):
     worker = stack.start_worker()
     job_id = submit(stack, long_job)
-    wait(lambda: stack.checkpoint(job_id).exists(), "the first training checkpoint")
+    wait(lambda: stack.has_checkpoint(job_id), "the first training checkpoint")
     stack.kill_worker_host(worker)
     wait(
         lambda: [e for e in stack.events(job_id) if e["kind"] == "requeued"],
@@ -146,8 +147,8 @@ def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(stack, lon
             lambda a=attempt: int(stack.client.get(job_key(job_id, "attempt")) or 0) == a,
             f"attempt {attempt} to start",
         )
-        wait(lambda: stack.checkpoint(job_id).exists(), "a training checkpoint")
-        stack.kill_job_process(worker)
+        wait(lambda: stack.has_checkpoint(job_id), "a training checkpoint")
+        stack.kill_task_process(worker)
     job = finished(stack, job_id)
     assert job["status"] == "failed", job
     assert job["error"]["code"] in {"too_many_attempts", "worker_lost"}, job["error"]
@@ -175,7 +176,7 @@ def test_a_message_lost_with_the_worker_that_took_it_is_sent_again(stack, tiny_j
 def test_an_api_restart_mid_job_loses_and_duplicates_no_event(stack, long_job):
     worker = stack.start_worker()
     job_id = submit(stack, long_job)
-    wait(lambda: stack.checkpoint(job_id).exists(), "training to start")
+    wait(lambda: stack.has_checkpoint(job_id), "training to start")
     stack.kill_api()
     stack.start_api()
     job = finished(stack, job_id)
@@ -220,3 +221,35 @@ def test_postgres_down_answers_503_and_recovers_without_a_restart(stack, tiny_jo
     assert stack.http.get("/v1/jobs").status_code == 200
     job_id = submit(stack, tiny_job)
     assert stack.http.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+
+
+def launcher(job_id: str) -> int | None:
+    """The job's own process (`warp run`; torchrun for several), once it runs."""
+    return next((pid for pid, rank in job_processes(job_id).items() if rank is None), None)
+
+
+def assert_recovered(
+    stack: FaultStack, job_id: str, runs: RunsAtOnce, ranks: int, reference: str
+) -> None:
+    """Not lost: it ended succeeded, on a later attempt, from its checkpoint, with the
+    weights of the uninterrupted run; and never ran twice at once (one launcher and its
+    `ranks` at most, at every moment)."""
+    job = finished(stack, job_id)
+    assert job["status"] == "succeeded" and 2 <= job["attempt"] <= MAX_ATTEMPTS, job
+    assert (runs.launchers, runs.ranks) == (1, ranks), "one run at a time"
+    assert_resumed_from_checkpoint(assert_gap_free(stack, job_id))
+    assert model_sha256(stack, job_id) == reference
+
+
+def test_a_killed_job_process_costs_the_attempt_and_the_job_resumes_to_the_same_weights(
+    stack, long_job, reference
+):
+    """The job's own process, not the worker's: the task sees it end without an exit record
+    and sends the job again at once."""
+    worker = stack.start_worker()
+    job_id = submit(stack, long_job)
+    with RunsAtOnce(job_id) as runs:
+        wait(lambda: stack.has_checkpoint(job_id), "the first training checkpoint")
+        os.kill(wait(lambda: launcher(job_id), "the job's process"), signal.SIGKILL)
+        assert_recovered(stack, job_id, runs, 0, reference)
+    stack.kill_worker_host(worker)
