@@ -26,6 +26,7 @@ from warp_core.cli import (
     PROGRESS_COLUMNS,
     ProgressView,
     make_toy_model_command,
+    plan_command,
     run_command,
 )
 from warp_core.comparison import comparison_specs, labels, variant
@@ -38,6 +39,7 @@ app = typer.Typer(
     "Commands that talk to a server read WARP_API_URL and WARP_API_KEY.",
 )
 app.command("run")(run_command)
+app.command("plan")(plan_command)
 app.command("make-toy-model")(make_toy_model_command)
 app.add_typer(admin, name="admin")
 

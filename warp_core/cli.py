@@ -226,7 +226,16 @@ def make_toy_model_command(
     typer.echo(f"run it: warp run {spec_path} --out runs/toy-warp")
 
 
-@app.command("plan")
+@app.command(
+    "plan",
+    help=(
+        "Predict a job's peak memory per process, phase by phase, from its model's "
+        "config.json alone: no weights are loaded (a directory holding only config.json "
+        "will do).\n\nPrints per phase the model resident at its start, what the phase adds "
+        "and their sum (what a GPU holds), the GPU sizes the job fits and, for the others, "
+        "the options that would make it fit, cheapest first."
+    ),
+)
 def plan_command(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC.json", help="The job spec.")],
     nproc_per_node: Annotated[
@@ -240,12 +249,7 @@ def plan_command(
         str, typer.Option(help="cuda (what a GPU holds) or cpu (what metrics.json reports there).")
     ] = "cuda",
 ) -> None:
-    """Predict a job's peak memory per process and phase from its model's config.json alone.
-
-    No weights are loaded (a directory holding only config.json will do). Prints, per phase,
-    the model resident at its start, what the phase adds and their sum, the GPU sizes the
-    job fits and, for the others, the options that would make it fit.
-    """
+    """Predict a job's peak memory per process and phase from its model's config.json alone."""
     from warp_core import plan as planning
     from warp_core.pipeline import load_spec
 
@@ -278,7 +282,8 @@ def plan_command(
 
 def _gpu_fits(spec: JobSpec, shape: ModelShape, predicted: Plan) -> list[dict[str, Any]]:
     """Per common GPU size: whether the plan fits and, if not, the options that would make
-    it fit (`plan.ways_to_fit`; more processes are tried up to 64)."""
+    it fit (`plan.ways_to_fit`; more processes are tried up to 64) and the peak with them, or
+    (`options` None) the lowest peak any reaches."""
     from warp_core import plan as planning
 
     more = [n for n in (2, 4, 8, 16, 32, 64) if n > predicted.processes]
@@ -288,8 +293,9 @@ def _gpu_fits(spec: JobSpec, shape: ModelShape, predicted: Plan) -> list[dict[st
         entry: dict[str, Any] = {"gib": gib, "usable": usable, "fits": predicted.peak <= usable}
         if not entry["fits"]:
             way = planning.ways_to_fit(spec, shape, lambda _n, u=usable: u, more)
-            entry["options"] = None if way is None else [c.label for c in way[0]]
-            entry["peak_with_options"] = None if way is None else way[1].peak
+            best = way[1] if way else planning.lowest(spec, shape, more)
+            entry["options"] = [c.label for c in way[0]] if way else None
+            entry["peak_with_options"] = best.peak
         found.append(entry)
     return found
 
@@ -328,12 +334,12 @@ def _show_plan(predicted: Plan, gpus: list[dict[str, Any]]) -> None:
     for gpu in gpus:
         if gpu["fits"]:
             continue
+        peak = gpu["peak_with_options"] / GIB
         if gpu["options"] is None:
-            out.print(f"  {gpu['gib']} GiB: no option makes it fit", highlight=False)
+            line = f"no option makes it fit (at best {peak:.1f} GiB, with all of them)"
         else:
-            options = ", ".join(gpu["options"])
-            peak = gpu["peak_with_options"] / GIB
-            out.print(f"  {gpu['gib']} GiB: {options} -> {peak:.1f} GiB", highlight=False)
+            line = f"{', '.join(gpu['options'])} -> {peak:.1f} GiB"
+        out.print(f"  {gpu['gib']} GiB: {line}", highlight=False)
 
 
 def _number(value: float | None) -> str:
