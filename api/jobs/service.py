@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from typing import TYPE_CHECKING
 
 import redis
 from sqlalchemy import func, select, tuple_
@@ -20,6 +21,9 @@ from service.protocol import CANCEL_FLAG_TTL_S, UPLOAD_PREFIX, job_key
 from service.sources import source_problems
 from service.status import ACTIVE
 from warp_core.spec import JobSpec
+
+if TYPE_CHECKING:
+    from warp_core.plan import ModelShape, Plan
 
 
 def request_hash(spec: JobSpec) -> str:
@@ -41,6 +45,7 @@ def create_job(
         if existing := _by_key(session, idempotency_key):
             return _replayed(existing, digest), False
     _check_sources(spec)
+    _check_memory(spec)
     _check_uploads(session, spec, caller)
     _check_active_jobs(session, caller)
     job = Job(
@@ -96,6 +101,73 @@ def _check_active_jobs(session: Session, caller: Caller) -> None:
 def _check_sources(spec: JobSpec) -> None:
     if problems := source_problems(spec, settings.data_roots):
         raise invalid(problems)
+
+
+def _check_memory(spec: JobSpec) -> None:
+    """Refuse a job its workers cannot hold (`WARP_GPU_MEMORY_GIB`): a GPU count no worker
+    class has, or a plan (`warp_core.plan`, from the model's config alone) whose peak per
+    process exceeds its class's GPUs, naming the options that would make it fit.
+
+    The config is read only where that needs no network: a local path (already checked to
+    lie under `WARP_DATA_ROOTS`) or a Hub id in this host's cache. Otherwise (or with a
+    config this transformers cannot build) the job goes through: the worker's preflight
+    decides.
+    """
+    classes = settings.gpu_memory_gib
+    if not classes:
+        return
+    gpus = spec.resources.gpus
+    if gpus not in classes:
+        counts = ", ".join(str(n) for n in sorted(classes))
+        reason = f"no workers for {gpus} GPUs here; the worker classes have {counts} GPUs"
+        raise invalid([{"field": "resources.gpus", "reason": reason}])
+    from warp_core import plan  # torch loads only where memory is checked
+
+    try:
+        shape = plan.read_shape(spec.base_model, spec.hyperparameters.target_modules, True)
+    except Exception:  # any reason it cannot be read here is the worker's to report
+        return
+    predicted = plan.plan(spec, shape)
+    if predicted.peak > plan.usable_bytes(classes[gpus]):
+        raise _does_not_fit(spec, shape, predicted, classes)
+
+
+def _does_not_fit(
+    spec: JobSpec, shape: ModelShape, predicted: Plan, classes: dict[int, float]
+) -> ApiError:
+    """The 422 of a job predicted not to fit its GPUs: the figure against the GPUs' size and
+    the options that would make it fit (on this class, or on another one: `resources.gpus`),
+    in the message and, for programs, in `error.memory`."""
+    from warp_core.plan import GIB, lowest, usable_bytes, ways_to_fit
+
+    def capacity(n: int) -> int | None:
+        return usable_bytes(classes[n]) if n in classes else None
+
+    gpus = spec.resources.gpus
+    found = ways_to_fit(spec, shape, capacity, sorted(classes))
+    changes = found[0] if found else []
+    moves = any("resources.gpus" in change.fields for change in changes)
+    reason = (
+        f"predicted {predicted.peak / GIB:.1f} GiB per process ({predicted.largest.name}) "
+        f"against GPUs of {classes[gpus]:g} GiB for {gpus}-GPU jobs "
+        f"({capacity(gpus) / GIB:.1f} GiB usable); "
+    )
+    if found:
+        labels = ", ".join(change.label for change in changes)
+        reason += f"it would fit with {labels} ({found[1].peak / GIB:.1f} GiB)"
+    else:
+        best = lowest(spec, shape, sorted(classes)).peak / GIB
+        reason += f"no option makes it fit the configured GPUs (at best {best:.1f} GiB)"
+    field = {"field": "resources.gpus" if moves else "hyperparameters", "reason": reason}
+    memory = {
+        "predicted_bytes": predicted.peak,
+        "phase": predicted.largest.name,
+        "gpu_gib": classes[gpus],
+        "usable_bytes": capacity(gpus),
+        "options": [{"label": c.label, "fields": c.fields} for c in changes],
+    }
+    message = f"{field['field']}: {reason}"
+    return ApiError(422, "invalid_request", message, fields=[field], memory=memory)
 
 
 def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
