@@ -59,17 +59,17 @@ cannot hand out (fragmentation, a few percent of a training job's peak): 4 GiB o
 PHASES = ("basis", "importance", "finetune")
 FP32 = 4
 
-EIGH_BYTES_PER_ENTRY = 33
+EIGH_BYTES_PER_ENTRY = 34
 """`basis.eigenbasis` of an n x n moment, beyond the moment: the fp64 copy it decomposes
 (8 n^2), eigh's fp64 vectors (8 n^2) and LAPACK's syevd workspace (2 n^2 doubles, 16 n^2)
-at once; after them the flipped copy and the fp32 result (12 n^2). Measured 32.7 n^2 bytes
-for n = 4096 (`bench/plan_accuracy.py --eigh`)."""
+at once, then the flipped copy and the fp32 result. Measured 33.7 n^2 bytes for n = 4096,
+the result included (`bench/plan_accuracy.py --calibrate`)."""
 
 FIRST_FORWARD_BYTES = 14 * 2**20
 FIRST_BACKWARD_BYTES = 12 * 2**20
 """What a process keeps from its first forward pass and its first backward pass: kernels,
-thread pools and caches set up at first use (measured on the CPU: 13 and 11 MiB; on CUDA
-cuBLAS's workspaces are of the same order)."""
+thread pools and caches set up at first use (measured on the CPU: 13 and 12 MiB,
+`bench/plan_accuracy.py --calibrate`; on CUDA cuBLAS's workspaces are of that order)."""
 
 STEP_BYTES_PER_COEFFICIENT = 16
 """What `finetune.step_slots` holds for one block beyond the state, per coefficient: the
@@ -705,9 +705,13 @@ class Change:
     fields: dict[str, Any]
 
 
+ADDED = "hyperparameters.offload"
+"""The one field whose changes add up: each offload option offloads one more kind of state,
+so options can be taken and dropped one at a time. Every other change replaces a value."""
+
+
 def apply(spec: JobSpec, changes: Sequence[Change]) -> JobSpec:
-    """`spec` with every change applied, validated again. A list value is added to the
-    field's list (`offload`); any other value replaces the field's."""
+    """`spec` with every change applied (`ADDED` entries added), validated again."""
     data = spec.model_dump(mode="json")
     for change in changes:
         for path, value in change.fields.items():
@@ -715,7 +719,7 @@ def apply(spec: JobSpec, changes: Sequence[Change]) -> JobSpec:
             node = data
             for part in parents:
                 node = node[part]
-            node[leaf] = [*node[leaf], *value] if isinstance(value, list) else value
+            node[leaf] = sorted({*node[leaf], *value}) if path == ADDED else value
     return JobSpec.model_validate(data)
 
 
@@ -805,6 +809,5 @@ def lowest(
 
 def _replaces(option: Change, earlier: Change) -> bool:
     """Whether `option` sets a field `earlier` set (a count of processes, a batch size);
-    list fields add up instead."""
-    shared = set(option.fields) & set(earlier.fields)
-    return any(not isinstance(option.fields[path], list) for path in shared)
+    offloads add up instead."""
+    return bool((set(option.fields) & set(earlier.fields)) - {ADDED})
