@@ -13,12 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import LlamaConfig
+from typer.testing import CliRunner
 
 from tests.helpers import REPO, encoded_batches, make_spec, safety_ref
 from warp_core.basis import group_by_input
+from warp_core.cli import app
 from warp_core.memory import resident_bytes
 from warp_core.model import find_targets, load_model
-from warp_core.plan import Change, PhasePlan, apply, plan, read_shape, usable_bytes, ways_to_fit
+from warp_core.plan import (
+    GPU_SIZES_GIB,
+    Change,
+    PhasePlan,
+    apply,
+    plan,
+    read_shape,
+    usable_bytes,
+    ways_to_fit,
+)
 from warp_core.spec import JobSpec
 from warp_core.testing import save_checkpoint, tiny_llama
 
@@ -171,3 +182,49 @@ def test_a_measured_bf16_job_lands_within_a_fifth_of_the_plan(tokenizer, tmp_pat
     measured = json.loads((tmp_path / "out" / "metrics.json").read_text())["memory"]["finetune"]
     predicted = finetune_added(spec)
     assert 0.8 <= predicted / measured <= 1.2, (predicted, measured)
+
+
+def test_warp_plan_prints_the_plan_and_the_gpus_it_fits(config_only, tmp_path):
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(make_spec(config_only).model_dump_json())
+    runner = CliRunner()
+    printed = runner.invoke(app, ["plan", str(spec_path), "--json", "--nproc-per-node", "2"])
+    assert printed.exit_code == 0, printed.output
+    planned = json.loads(printed.stdout)
+    assert planned["processes"] == 2
+    assert list(planned["phases"]) == ["basis", "importance", "finetune"]
+    assert [gpu["gib"] for gpu in planned["gpus"]] == list(GPU_SIZES_GIB)
+    assert all(gpu["fits"] for gpu in planned["gpus"])  # a small model fits any of them
+    shown = runner.invoke(app, ["plan", str(spec_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "fits GPUs of 24, 40, 48, 80, 94, 141, 192 GiB" in " ".join(shown.stdout.split())
+
+
+def test_warp_plan_names_the_options_for_gpus_a_7b_job_does_not_fit(tmp_path):
+    """Llama-2-7B's config alone, the default spec: one 80 GiB GPU takes the optimizer state
+    offloaded; GPUs of 48 GiB or less cannot hold Phase 2 at any setting."""
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path / "model")
+    spec = {
+        "base_model": str(tmp_path / "model"),
+        "safety_data": {"source": "LibrAI/do-not-answer", "limit": 800},
+        "utility_data": {"source": "openai/gsm8k", "limit": 5000},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    shown = CliRunner().invoke(app, ["plan", str(tmp_path / "spec.json")])
+    assert shown.exit_code == 0, shown.output
+    lines = {line.split(":")[0].strip(): line for line in shown.stdout.splitlines()}
+    assert "offload optimizer_state ->" in lines["80 GiB"]
+    assert "no option makes it fit" in lines["48 GiB"]
+
+
+def test_warp_plan_refuses_an_invalid_spec(tmp_path):
+    (tmp_path / "spec.json").write_text(json.dumps({"base_model": "x"}))
+    assert CliRunner().invoke(app, ["plan", str(tmp_path / "spec.json")]).exit_code == 2

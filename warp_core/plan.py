@@ -56,7 +56,6 @@ KEPT_FREE = 0.05
 (about 0.5 GiB), cuBLAS and NCCL workspaces, and what PyTorch's caching allocator holds but
 cannot hand out (fragmentation, a few percent of a training job's peak): 4 GiB of 80."""
 
-PHASES = ("basis", "importance", "finetune")
 FP32 = 4
 
 EIGH_BYTES_PER_ENTRY = 34
@@ -178,7 +177,7 @@ def model_shape(model: nn.Module, target_modules: list[str]) -> ModelShape:
             for t in found
         ),
         bases={key: members[0].module.in_features for key, members in groups.items()},
-        tied_head=_weight("lm_head.weight", head.weight) if tied else None,
+        tied_head=_weight(f"{_name_of(model, head)}.weight", head.weight) if tied else None,
         layers=len(layers),
         layer_params=max((_count(layer.parameters()) for layer in layers), default=0),
         decoder_params=_count(
@@ -190,6 +189,10 @@ def model_shape(model: nn.Module, target_modules: list[str]) -> ModelShape:
         attention_width=heads * head_dim,
         vocab=config.vocab_size,
     )
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, candidate in model.named_modules() if candidate is module)
 
 
 def _weight(name: str, param: torch.Tensor) -> Weight:
@@ -327,9 +330,8 @@ class _Job:
             "lm_head" in hp.target_modules or processes > 1
         )
         target_names = {t.name for t in shape.targets}
-        extra = [shape.tied_head] if self.untied and "lm_head.weight" not in target_names else []
         self.others = (
-            [w for w in (*shape.weights, *extra) if w.name not in target_names]
+            [w for w in self.parameters if w.name not in target_names]
             if hp.train_other_params
             else []
         )
@@ -364,12 +366,15 @@ class _Job:
 
     # -- the phases --------------------------------------------------------------------
 
+    @property
+    def parameters(self) -> list[Weight]:
+        """The loaded model's parameters: a tied head gets its own weight from
+        `untie_lm_head` when it is a target, or when the model is sharded."""
+        return [*self.shape.weights, *([self.shape.tied_head] if self.untied else [])]
+
     def resident(self) -> int:
-        """The loaded model: this process's rows of every parameter in the model's dtype, and
-        a copy of a tied head that `untie_lm_head` gives its own weight (when the head is a
-        target, or the model is sharded)."""
-        untied = self.shape.tied_head.here(self.n) if self.untied else 0
-        return self.b * (self.here(self.shape.weights) + untied)
+        """The loaded model: this process's rows of every parameter in the model's dtype."""
+        return self.b * self.here(self.parameters)
 
     def basis(self) -> PhasePlan:
         """Phase 1 (`basis.build_bases`): moments accumulate over forward passes, then each
@@ -630,8 +635,8 @@ class _Job:
         if self.n == 1:
             return Term("export", 0)
         if self.cuda:
-            return Term("export", self.b * max(w.numel for w in self.shape.weights))
-        return Term("export", self.b * sum(w.numel for w in self.shape.weights))
+            return Term("export", self.b * max(w.numel for w in self.parameters))
+        return Term("export", self.b * sum(w.numel for w in self.parameters))
 
     # -- activations ---------------------------------------------------------------------
 
