@@ -148,7 +148,7 @@ def test_from_the_same_bases_two_processes_train_as_one(spec, alone, tmp_path):
 
 def test_a_two_process_job_resumes_on_one_process(spec, alone, tmp_path):
     out = with_bases_of(alone, tmp_path / "two-then-one")
-    assert launch(spec, out, stop_at_step=3) != 0
+    assert launch(spec, out, stop_at_step=3) == 130
     assert (out / "checkpoints" / "finetune" / "latest.json").exists()
     assert not (out / "model").exists()
     Pipeline(spec, out).run()
@@ -168,11 +168,31 @@ def test_a_one_process_job_resumes_on_two_processes(spec, alone, tmp_path):
     assert_same_training(out, alone)
 
 
-def test_resuming_on_as_many_processes_gives_the_weights_bit_for_bit(spec, alone, tmp_path):
-    whole = with_bases_of(alone, tmp_path / "whole")
+def test_resuming_on_as_many_processes_gives_the_weights_bit_for_bit(model_dir, tmp_path):
+    """Stopped in Phase 3 (exit 130), the job resumes there and evaluates: the first forward
+    after the restart is the training loss's, not the model's own."""
+    small_eval = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4}
+    spec = make_spec(model_dir, max_steps=STEPS, checkpoint_every=2, eval=small_eval)
+    whole = tmp_path / "whole"
     launch(spec, whole)
-    resumed = with_bases_of(alone, tmp_path / "resumed")
-    assert launch(spec, resumed, stop_at_step=3) != 0
+    resumed = tmp_path / "resumed"
+    assert launch(spec, resumed, stop_at_step=3) == 130
     launch(spec, resumed)
     for name, value in weights(whole).items():
         assert torch.equal(weights(resumed)[name], value), name
+    after = [
+        json.loads((o / "eval" / "after.json").read_text())["metrics"] for o in (whole, resumed)
+    ]
+    assert after[0] == after[1]
+
+
+def test_a_sharded_head_computes_its_loss_a_chunk_at_a_time(tmp_path):
+    """FSDP2 gathers the head once per chunk and the chunks' gradients add up to the whole's."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node=2", "-m", "tests.fsdp_loss_check"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["chunked"] == pytest.approx(result["whole"], rel=1e-6)
+    assert result["gradient_difference"] < 1e-5

@@ -105,7 +105,7 @@ def run_command(
     if launch.under_torchrun():
         launch.die_with_parent()
     elif processes > 1:
-        launch.exec_torchrun(processes, sys.argv[1:])
+        raise typer.Exit(launch.run_torchrun(processes, sys.argv[1:]))
     stop = launch.StopSignal().install()
     log = launch.EventLog(events) if events else None
     main = launch.rank() == 0

@@ -183,7 +183,9 @@ class World:
 
         The head and the decoder are units of their own because the training loss calls
         them one after the other (`loss.response_loss_sum`), not through the model's
-        forward; the head must therefore not be tied to the input embeddings.
+        forward; the head must therefore not be tied to the input embeddings. FSDP2 takes
+        the first unit to run a forward as the root of the model: one token through the whole
+        model makes it the model itself, whichever phase a resumed job starts in.
         """
         if self.size == 1:
             return
@@ -200,3 +202,5 @@ class World:
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)
                 module.set_force_sum_reduction_for_comms(True)  # a plain sum, gloo has no other
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.device))

@@ -1,20 +1,21 @@
 """A job as operating-system processes: torchrun for several, the stop signal, the event log.
 
-`warp run SPEC --out DIR --nproc-per-node N` replaces itself with `torchrun --standalone
---nproc-per-node N -m warp_core run ...` (torch's own launcher, never a home-made one); each
-of the N processes then runs the pipeline as one rank of the job. Whoever starts a job as a
-process (a person at a terminal, the service's worker) talks to it three ways:
+`warp run SPEC --out DIR --nproc-per-node N` runs `torchrun --standalone --nproc-per-node N
+-m warp_core run ...` (torch's own launcher, never a home-made one) as its child; each of the
+N processes then runs the pipeline as one rank of the job. Whoever starts a job as a process
+(a person at a terminal, the service's worker) talks to it three ways:
 
 - SIGTERM or SIGINT asks it to stop at its next step, keeping its last checkpoint (a second
-  signal stops it at once). torchrun passes SIGTERM on to every rank.
+  signal stops it at once). The launcher passes each one on to torchrun, which passes it on
+  to every rank.
 - `--events PATH` appends one JSON line per pipeline event (from rank 0) and one `exit`
   record per rank as it ends: `{"kind": "exit", "rank", "world_size", "status", "message"}`
   with status `succeeded`, `failed` or `cancelled`. A rank with no exit record was killed.
 - The exit code: 0 done, 1 failed, 2 invalid spec, 130 stopped (run again to resume).
 
-A rank dies with its launcher (Linux `PR_SET_PDEATHSIG`): torchrun starts ranks in sessions
-of their own, so without it a killed launcher would leave them running beside the job's
-next attempt.
+Every process dies with the one that started it (Linux `PR_SET_PDEATHSIG`): torchrun with
+the launcher, each rank with torchrun (which starts ranks in sessions of their own), so a
+killed launcher never leaves ranks running beside the job's next attempt.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import ctypes
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from warp_core.events import Event
 
@@ -45,12 +47,15 @@ def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def exec_torchrun(nproc_per_node: int, args: list[str]) -> NoReturn:
-    """Replace this process with torchrun running `python -m warp_core ARGS` N times.
+def run_torchrun(nproc_per_node: int, args: list[str]) -> int:
+    """Run `python -m warp_core ARGS` in N processes under torchrun; return the exit code.
 
     `--standalone` rendezvous on a free local port, so jobs on one machine never collide.
+    torchrun runs in a session of its own and gets each SIGTERM or SIGINT this process
+    receives exactly once; a run stopped that way exits 130, as one process does (torchrun
+    itself would say 1).
     """
-    argv = [
+    command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -60,20 +65,45 @@ def exec_torchrun(nproc_per_node: int, args: list[str]) -> NoReturn:
         "warp_core",
         *args,
     ]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, argv)
+    stopped = threading.Event()
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent_hook())
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopped.set()
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return EXIT_STOPPED if stopped.is_set() and code != 0 else code
+
+
+def _die_with_parent_hook() -> Any:
+    """A `preexec_fn` that makes the child die with this process, with `prctl` looked up
+    before the fork (nothing is imported or allocated between fork and exec)."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere)."""
     parent = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
 
