@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers import encoded_batches, make_spec, utility_ref
+from warp_core import loss as loss_module
 from warp_core import slots as slot_module
 from warp_core.data import collate, encode_examples, load_examples, pad_token_id
 from warp_core.export import load_bases, load_masks
@@ -48,6 +49,24 @@ def rotated_change(pipeline, model_dir):
         )
         for t in find_targets(pipeline.model, pipeline.hp.target_modules)
     }
+
+
+def test_the_loss_taken_a_head_chunk_at_a_time_is_the_whole_loss(model_dir, tokenizer, monkeypatch):
+    """With activation recomputation the head's logits exist one chunk at a time; the loss
+    and every gradient are those of the whole (to float rounding: other sums)."""
+    batch = encoded_batches(tokenizer, utility_ref(limit=8), batch_size=8)[0]
+    results = []
+    for chunked in (False, True):
+        model = base_model(model_dir)
+        monkeypatch.setattr(loss_module, "HEAD_CHUNK_TOKENS", 13)
+        value = response_loss_sum(model, batch, chunked)
+        value.backward()
+        results.append((value, {n: p.grad for n, p in model.named_parameters()}))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert response_tokens(batch) > 10 * 13
+    torch.testing.assert_close(chunked, whole)
+    for name, grad in whole_grads.items():
+        assert_near(chunked_grads[name], grad, 1e-5)
 
 
 def test_the_response_loss_is_the_models_own_loss_summed(model_dir, tokenizer):

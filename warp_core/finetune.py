@@ -96,6 +96,7 @@ def train(
     world: World | None = None,
     rotation: StepRotation | None = None,
     keep_rotated: bool = True,
+    chunked_loss: bool = False,
 ) -> int:
     """Run (or resume) the optimizer steps; returns the number of steps done.
 
@@ -105,7 +106,8 @@ def train(
     `examples`. Without a `checkpoint` nothing is saved or resumed. `check_stop` is called
     before every micro-batch and may raise to cancel; the last checkpoint stays for a later
     resume. `keep_rotated` holds each block's gradient between the norm pass and the update
-    instead of forming it again (`step_slots`).
+    instead of forming it again (`step_slots`); `chunked_loss` recomputes the output head's
+    logits a chunk at a time (`loss.response_loss_sum`).
     """
     world = world or World.alone(next(model.parameters()).device)
     schedule = schedule or Schedule(len(examples), hp)
@@ -119,7 +121,7 @@ def train(
         tokens = sum(len(item.input_ids) for batch in micro for item in batch)
         shares = [collate(_share(batch, world), pad_id) for batch in micro]
         with rotation.step(tokens, labels) if rotation else nullcontext():
-            loss = accumulate_gradients(model, shares, check_stop, labels)
+            loss = accumulate_gradients(model, shares, check_stop, labels, chunked_loss)
         if world.size > 1:
             loss = float(world.sum_(torch.tensor([loss], device=world.device)).item())
         learning_rate = optimizer.learning_rate(step)
@@ -157,6 +159,7 @@ def accumulate_gradients(
     micro_batches: list[dict[str, torch.Tensor]],
     check_stop: Callable[[], None] | None,
     label_tokens: int | None = None,
+    chunked_loss: bool = False,
 ) -> float:
     """Backward over micro-batches; returns their share of the step's mean loss.
 
@@ -171,7 +174,7 @@ def accumulate_gradients(
         if check_stop:
             check_stop()
         batch = {key: value.to(device) for key, value in batch.items()}
-        loss = response_loss_sum(model, batch) / max(label_tokens, 1)
+        loss = response_loss_sum(model, batch, chunked_loss) / max(label_tokens, 1)
         loss.backward()
         total += loss.item()
     return total

@@ -9,25 +9,53 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from warp_core.data import IGNORE_INDEX
 
+HEAD_CHUNK_TOKENS = 1024
+"""Response positions whose logits exist at once when the loss is chunked: with a 32k
+vocabulary, 0.4 GiB of fp32 logits and their gradients instead of 3 GiB for a micro-batch of
+8 sequences of 1,024 tokens."""
 
-def response_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+
+def response_loss_sum(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], chunked: bool = False
+) -> torch.Tensor:
     """Summed next-token cross-entropy over the response tokens of `batch`, in fp32.
 
     Works for Hugging Face causal LMs whose logits are `lm_head(last hidden state)` with no
     post-processing (no logit scaling or soft-capping): the decoder and the head are called
-    separately, through `get_decoder()` and `get_output_embeddings()`.
+    separately, through `get_decoder()` and `get_output_embeddings()`. `chunked` applies the
+    head `HEAD_CHUNK_TOKENS` positions at a time and recomputes each chunk's logits in the
+    backward pass (activation checkpointing), so one chunk's logits are alive at a time.
     """
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
     labels = batch["labels"][:, 1:]
     learned = labels != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][learned])
-    return F.cross_entropy(logits.float(), labels[learned], reduction="sum")
+    positions, targets = hidden[:, :-1][learned], labels[learned]
+    head = model.get_output_embeddings()
+    if not chunked or len(targets) <= HEAD_CHUNK_TOKENS:
+        return _head_loss(head, positions, targets)
+    chunks = range(0, len(targets), HEAD_CHUNK_TOKENS)
+    return sum(
+        checkpoint(
+            _head_loss,
+            head,
+            positions[start : start + HEAD_CHUNK_TOKENS],
+            targets[start : start + HEAD_CHUNK_TOKENS],
+            use_reentrant=False,
+        )
+        for start in chunks
+    )
+
+
+def _head_loss(head: nn.Module, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(positions).float(), targets, reduction="sum")
 
 
 def response_tokens(batch: dict[str, torch.Tensor]) -> int:

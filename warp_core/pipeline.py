@@ -343,6 +343,7 @@ class Pipeline:
             world=self.world,
             rotation=self.rotation(slots, keep),
             keep_rotated=keep,
+            chunked_loss=recompute,  # the head's logits are activations too
         )
         if recompute:
             self.model.activation_checkpointing_disable()

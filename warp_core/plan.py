@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from warp_core.basis import group_by_input
+from warp_core.loss import HEAD_CHUNK_TOKENS
 from warp_core.model import (
     find_targets,
     resolve_dtype,
@@ -410,7 +411,7 @@ class _Job:
         state = (*self.state(), self.first_use("finetune"))
         tokens, responses = self.micro_tokens()
         activations = self.activations("activations", tokens, self.recompute)
-        loss = self.loss(responses)
+        loss = self.loss(responses, chunked=self.recompute)  # `finetune.train(chunked_loss=)`
         transient = _larger(loss, self.training_rotation(tokens, responses))
         grads = self.gradients()
         if self.hp.grad_accum_steps > 1:  # a later micro-batch runs with every gradient alive
@@ -607,6 +608,8 @@ class _Job:
             step = sequences * (hp.max_length - 1 if t.head else hp.max_length)
             rotated = self.warp and from_activations(hp.gradient_rotation, step, t.rows, rotations)
             seen = responses if t.head else tokens
+            if t.head and self.recompute:  # the head runs a loss chunk at a time
+                seen = min(seen, HEAD_CHUNK_TOKENS)
             size = self._rotation(t, seen, rotated) if rotated else self.b * t.numel
             largest = max(largest, size)
         return Term("gradient rotation", largest)
@@ -640,14 +643,14 @@ class _Job:
 
     # -- activations ---------------------------------------------------------------------
 
-    def loss(self, positions: int) -> Term:
+    def loss(self, positions: int, chunked: bool = False) -> Term:
         """The cross-entropy over `positions` positions (`LOSS_BYTES_PER_LOGIT` per
-        vocabulary entry) and, when the head is a target, the hidden states it saves."""
+        vocabulary entry; `HEAD_CHUNK_TOKENS` positions at a time when `chunked`) and, when
+        the head is a target, the hidden states it saves."""
         head_saves = any(t.head for t in self.shape.targets)
-        per_position = (
-            LOSS_BYTES_PER_LOGIT * self.shape.vocab + head_saves * self.b * self.shape.hidden
-        )
-        return Term("loss", positions * per_position)
+        logits = min(positions, HEAD_CHUNK_TOKENS) if chunked else positions
+        saved = positions * head_saves * self.b * self.shape.hidden
+        return Term("loss", logits * LOSS_BYTES_PER_LOGIT * self.shape.vocab + saved)
 
     def activations(self, name: str, tokens: int, recompute: bool) -> Term:
         """What autograd saves in a training forward of `tokens` tokens. Without activation
