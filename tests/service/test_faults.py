@@ -1,5 +1,6 @@
 """Faults injected into a running service (issues 5 and 11): killed workers and job processes,
-a lost worker host, an API restart, Redis and PostgreSQL outages. No job may be lost, run
+a killed rank or launcher of a job on several processes, a lost worker host, an API restart,
+Redis and PostgreSQL outages. No job may be lost, run
 twice at once, or left `running` forever, and no event may be lost or duplicated.
 
 The tests assert those guarantees, not the path taken to them: with a 2 s lease on a busy
@@ -252,4 +253,56 @@ def test_a_killed_job_process_costs_the_attempt_and_the_job_resumes_to_the_same_
         wait(lambda: stack.has_checkpoint(job_id), "the first training checkpoint")
         os.kill(wait(lambda: launcher(job_id), "the job's process"), signal.SIGKILL)
         assert_recovered(stack, job_id, runs, 0, reference)
+    stack.kill_worker_host(worker)
+
+
+# -- a job on several processes (2 "GPUs": 2 gloo processes on this CPU-only machine) -------
+
+
+@pytest.fixture(scope="module")
+def two_process_job(long_job) -> dict:
+    return {**long_job, "resources": {"gpus": 2}}
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(stack, two_process_job) -> str:
+    """The 2-process job run without faults, by a worker for 2 GPUs."""
+    worker = stack.start_worker(gpus=2)
+    job_id = submit(stack, two_process_job)
+    job = finished(stack, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["metrics"]["world_size"] == 2
+    stack.kill_worker_host(worker)
+    return model_sha256(stack, job_id)
+
+
+def running_ranks(job_id: str) -> dict[int, int]:
+    """rank -> pid of the job's ranks, once all of its 2 ranks run."""
+    ranks = {rank: pid for pid, rank in job_processes(job_id).items() if rank is not None}
+    return ranks if len(ranks) == 2 else {}
+
+
+def test_a_rank_killed_mid_training_costs_the_attempt_and_the_job_resumes_to_the_same_weights(
+    stack, two_process_job, two_process_reference
+):
+    worker = stack.start_worker(gpus=2)
+    job_id = submit(stack, two_process_job)
+    with RunsAtOnce(job_id) as runs:
+        wait(lambda: stack.has_checkpoint(job_id), "the first sharded checkpoint")
+        os.kill(wait(lambda: running_ranks(job_id), "both ranks")[1], signal.SIGKILL)
+        assert_recovered(stack, job_id, runs, 2, two_process_reference)
+    stack.kill_worker_host(worker)
+
+
+def test_a_killed_launcher_takes_its_ranks_along_and_the_job_resumes_to_the_same_weights(
+    stack, two_process_job, two_process_reference
+):
+    worker = stack.start_worker(gpus=2)
+    job_id = submit(stack, two_process_job)
+    with RunsAtOnce(job_id) as runs:
+        wait(lambda: stack.has_checkpoint(job_id), "the first sharded checkpoint")
+        ranks = set(wait(lambda: running_ranks(job_id), "both ranks").values())
+        os.kill(wait(lambda: launcher(job_id), "the launcher"), signal.SIGKILL)
+        wait(lambda: not ranks & set(job_processes(job_id)), "its ranks to die", timeout_s=10)
+        assert_recovered(stack, job_id, runs, 2, two_process_reference)
     stack.kill_worker_host(worker)
