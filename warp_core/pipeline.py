@@ -310,6 +310,22 @@ class Pipeline:
 
     def finetune(self) -> None:
         examples = self.encoded("utility_data")
+        recompute = resolve_gradient_checkpointing(self.hp.gradient_checkpointing, self.device)
+        if recompute:
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        steps = self.run_steps(examples, recompute)
+        if recompute:
+            self.model.activation_checkpointing_disable()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        weights = full_state_dict(self.model, self.world)
+        if self.world.main:
+            save_model(self.model, self.tokenizer, self.out / "model", weights)
+            write_json(self.out / "training.json", {"steps": steps, "examples": len(examples)})
+
+    def run_steps(self, examples: list[Encoded], recompute: bool) -> int:
+        """The optimizer steps, resumed from the last checkpoint; the trained state (W0, dC,
+        bases, moments) is freed when it returns, before the model is exported."""
 
         def report(step: StepReport) -> None:
             remaining = (step.total_steps - step.step) * step.seconds
@@ -326,12 +342,9 @@ class Pipeline:
         checkpoint = Checkpoint(self.out / "checkpoints" / "finetune", self.world)
         if checkpoint.exists:
             self.emit("log", message="fine-tuning resumes from its last checkpoint")
-        recompute = resolve_gradient_checkpointing(self.hp.gradient_checkpointing, self.device)
-        if recompute:
-            self.model.activation_checkpointing_enable({"use_reentrant": False})
         slots = self.slots()
         keep = resolve_keep_rotated(self.hp.keep_rotated_gradients, self.device)
-        steps = train(
+        return train(
             self.model,
             slots,
             examples,
@@ -345,14 +358,6 @@ class Pipeline:
             keep_rotated=keep,
             chunked_loss=recompute,  # the head's logits are activations too
         )
-        if recompute:
-            self.model.activation_checkpointing_disable()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
-        weights = full_state_dict(self.model, self.world)
-        if self.world.main:
-            save_model(self.model, self.tokenizer, self.out / "model", weights)
-            write_json(self.out / "training.json", {"steps": steps, "examples": len(examples)})
 
     def rotation(self, slots: list[Slot], keep: bool) -> ActivationRotation | None:
         """Which WaRP targets form their rotated gradient from activations, step by step."""
