@@ -23,29 +23,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-from warp_core.testing import example_job, save_checkpoint, tiny_llama, tiny_tokenizer
+from phase_common import PROJECTIONS, memory_job
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from warp_core.testing import save_checkpoint, tiny_llama, tiny_tokenizer
 
 
 def spec_for(model_dir: Path, method: str, ns: argparse.Namespace) -> dict:
-    spec = example_job(str(model_dir)).model_dump(mode="json")
-    spec["method"] = method
-    spec["safety_data"]["limit"] = 32
-    spec["eval"] = {"enabled": False}
-    spec["hyperparameters"] |= {
-        "dtype": "bfloat16",
-        "target_modules": PROJECTIONS,
-        "max_steps": ns.steps,
-        "batch_size": ns.batch_size,
-        "grad_accum_steps": 1,
-        "max_length": ns.max_length,
-        "checkpoint_every": 1000,
-        "basis_batch_size": 8,
-        "gradient_checkpointing": ns.gradient_checkpointing,
+    return memory_job(
+        model_dir,
+        method,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        max_length=ns.max_length,
+        targets=PROJECTIONS,
+        gradient_checkpointing=ns.gradient_checkpointing,
         **dict(_setting(item) for item in ns.set),
-    }
-    return spec
+    )
 
 
 def _setting(item: str) -> tuple[str, object]:

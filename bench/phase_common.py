@@ -28,12 +28,15 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from warp_core.data import Example, load_examples
 from warp_core.memory import resident_bytes
 from warp_core.spec import DatasetRef
-from warp_core.testing import SAFETY_SLICE, UTILITY_SLICE, tiny_llama
+from warp_core.testing import SAFETY_SLICE, UTILITY_SLICE, example_job, tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 UTILITY_ROWS = 400
 """Rows of the GSM8K slice Phase 3 trains on (its first 400, unchanged since the slice had
 400 rows), so every token count stays the same when the slice grows."""
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The seven projections of a Llama decoder layer: the targets issue 11 measures memory with
+(the default targets and lm_head)."""
 RESULT_PREFIX = "RESULT "
 """A child prints its result as one JSON line starting with this prefix."""
 
@@ -46,6 +49,37 @@ def safety_examples(limit: int | None = None) -> list[Example]:
 def utility_examples(limit: int | None = None) -> list[Example]:
     """Rows `[0, limit)` of the GSM8K slice: question + worked answer."""
     return load_examples(DatasetRef(source=str(UTILITY_SLICE), preset="gsm8k", limit=limit))
+
+
+def memory_job(
+    model_dir: Path,
+    method: str,
+    *,
+    steps: int,
+    batch_size: int,
+    max_length: int,
+    targets: list[str] | None = None,
+    **hyperparameters: Any,
+) -> dict[str, Any]:
+    """The job the memory benchmarks run through `warp run`: the example job on `model_dir`
+    in bf16 (which holds on the CPU what a GPU would hold), evaluation off, 32 safety rows,
+    `steps` optimizer steps, a checkpoint only at the end; `targets` (default: the spec's)."""
+    spec = example_job(str(model_dir)).model_dump(mode="json")
+    spec["method"] = method
+    spec["safety_data"]["limit"] = 32
+    spec["eval"] = {"enabled": False}
+    spec["hyperparameters"] |= {
+        "dtype": "bfloat16",
+        "max_steps": steps,
+        "batch_size": batch_size,
+        "grad_accum_steps": 1,
+        "max_length": max_length,
+        "checkpoint_every": 1000,
+        "basis_batch_size": 8,
+        **({"target_modules": targets} if targets else {}),
+        **hyperparameters,
+    }
+    return spec
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:

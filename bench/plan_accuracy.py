@@ -35,8 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from phase_common import emit_result, markdown_table, run_child
-from transformers import LlamaConfig
+from phase_common import PROJECTIONS, emit_result, markdown_table, memory_job, run_child
 
 from warp_core.basis import eigenbasis
 from warp_core.loss import response_loss_sum
@@ -44,46 +43,31 @@ from warp_core.memory import PeakMemory, release_free_memory, resident_bytes
 from warp_core.model import find_targets, set_trainable
 from warp_core.plan import GIB, model_shape, plan, read_shape, usable_bytes, ways_to_fit
 from warp_core.spec import JobSpec
-from warp_core.testing import build_tiny_model, example_job, tiny_llama, tiny_tokenizer
+from warp_core.testing import (
+    build_tiny_model,
+    example_job,
+    llama_2_7b_config,
+    tiny_llama,
+    tiny_tokenizer,
+)
 
-PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = {"projections": PROJECTIONS, "default": None}
 """The two target sets measured: the seven projections (issue 11's measurement) and the
 default (the projections and lm_head)."""
-
-LLAMA_2_7B = LlamaConfig(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-    torch_dtype="bfloat16",
-)
-"""meta-llama/Llama-2-7b-chat-hf's config.json, as far as memory goes."""
 
 
 def spec_for(
     model_dir: Path, method: str, targets: list[str] | None, ns: argparse.Namespace
 ) -> dict:
-    spec = example_job(str(model_dir)).model_dump(mode="json")
-    spec["method"] = method
-    spec["safety_data"]["limit"] = 32
-    spec["eval"] = {"enabled": False}
-    spec["hyperparameters"] |= {
-        "dtype": "bfloat16",
-        "max_steps": ns.steps,
-        "batch_size": ns.batch_size,
-        "grad_accum_steps": ns.grad_accum,
-        "max_length": ns.max_length,
-        "checkpoint_every": 1000,
-        "basis_batch_size": 8,
-    }
-    if targets:
-        spec["hyperparameters"]["target_modules"] = targets
-    return spec
+    return memory_job(
+        model_dir,
+        method,
+        steps=ns.steps,
+        batch_size=ns.batch_size,
+        max_length=ns.max_length,
+        targets=targets,
+        grad_accum_steps=ns.grad_accum,
+    )
 
 
 MIB = 2**20
@@ -162,7 +146,7 @@ def compare(model_dir: Path, root: Path, ns: argparse.Namespace) -> list[list[An
 def llama_7b(root: Path) -> None:
     """The plan of Llama-2-7B-chat with the default spec and targets, on CUDA."""
     model_dir = root / "llama-2-7b-chat-config"
-    LLAMA_2_7B.save_pretrained(model_dir)
+    llama_2_7b_config().save_pretrained(model_dir)
     spec = JobSpec.model_validate(
         {
             "base_model": str(model_dir),

@@ -31,7 +31,7 @@ from warp_core.plan import (
     ways_to_fit,
 )
 from warp_core.spec import JobSpec
-from warp_core.testing import save_checkpoint, tiny_llama
+from warp_core.testing import llama_2_7b_config, save_checkpoint, tiny_llama
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -203,15 +203,7 @@ def test_warp_plan_prints_the_plan_and_the_gpus_it_fits(config_only, tmp_path):
 def test_warp_plan_names_the_options_for_gpus_a_7b_job_does_not_fit(tmp_path):
     """Llama-2-7B's config alone, the default spec: one 80 GiB GPU takes the optimizer state
     offloaded; GPUs of 48 GiB or less cannot hold Phase 2 at any setting."""
-    LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        tie_word_embeddings=False,
-    ).save_pretrained(tmp_path / "model")
+    llama_2_7b_config().save_pretrained(tmp_path / "model")
     spec = {
         "base_model": str(tmp_path / "model"),
         "safety_data": {"source": "LibrAI/do-not-answer", "limit": 800},

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from warp_core.events import Cancelled, Event
-from warp_core.spec import format_validation_error
+from warp_core.spec import JobSpec, format_validation_error, load_spec
 
 if TYPE_CHECKING:
     from warp_core.finetune import StepReport
@@ -91,16 +91,9 @@ def run_command(
     SIGTERM or Ctrl-C stops it at its next step; the same command then resumes it.
     """
     from warp_core import launch
-    from warp_core.pipeline import load_spec, run  # torch loads only when a job runs
+    from warp_core.pipeline import run  # torch loads only when a job runs
 
-    try:
-        spec = load_spec(spec_path)
-    except ValidationError as exc:
-        console.print(f"[red]invalid spec {spec_path}:[/red]\n{format_validation_error(exc)}")
-        raise typer.Exit(2) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        console.print(f"[red]cannot read spec {spec_path}:[/red] {exc}")
-        raise typer.Exit(2) from None
+    spec = read_spec(spec_path)
     processes = nproc_per_node or spec.resources.gpus
     if launch.under_torchrun():
         launch.die_with_parent()
@@ -141,6 +134,18 @@ def run_command(
         print(json.dumps({"out": str(out), **metrics}))
     else:
         show_summary(metrics, out)
+
+
+def read_spec(spec_path: Path) -> JobSpec:
+    """The spec at `spec_path`, or exit 2 with one line per problem."""
+    try:
+        return load_spec(spec_path)
+    except ValidationError as exc:
+        console.print(f"[red]invalid spec {spec_path}:[/red]\n{format_validation_error(exc)}")
+        raise typer.Exit(2) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        console.print(f"[red]cannot read spec {spec_path}:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 def show_summary(metrics: dict, out: Path) -> None:
@@ -251,19 +256,11 @@ def plan_command(
 ) -> None:
     """Predict a job's peak memory per process and phase from its model's config.json alone."""
     from warp_core import plan as planning
-    from warp_core.pipeline import load_spec
 
     if device not in ("cuda", "cpu"):
         console.print(f"[red]--device must be cuda or cpu, not {device!r}[/red]")
         raise typer.Exit(2)
-    try:
-        spec = load_spec(spec_path)
-    except ValidationError as exc:
-        console.print(f"[red]invalid spec {spec_path}:[/red]\n{format_validation_error(exc)}")
-        raise typer.Exit(2) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        console.print(f"[red]cannot read spec {spec_path}:[/red] {exc}")
-        raise typer.Exit(2) from None
+    spec = read_spec(spec_path)
     _quiet_libraries()
     try:
         shape = planning.read_shape(spec.base_model, spec.hyperparameters.target_modules)

@@ -14,7 +14,6 @@ rank (a sharded model needs all of them for a forward pass).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -56,7 +55,9 @@ from warp_core.model import (
 from warp_core.report import write_report
 from warp_core.rotation import ActivationRotation
 from warp_core.slots import PlainSlot, RotatedSlot, Slot
-from warp_core.spec import JobSpec
+from warp_core.spec import JobSpec, load_spec
+
+__all__ = ["Cancelled", "Pipeline", "load_spec", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -453,8 +454,3 @@ def run(
         return Pipeline(spec, Path(out_dir), on_event, should_stop, world=world).run()
     finally:
         world.close()
-
-
-def load_spec(path: str | Path) -> JobSpec:
-    """Read and validate a spec file (raises pydantic.ValidationError naming the field)."""
-    return JobSpec.model_validate(json.loads(Path(path).read_text()))

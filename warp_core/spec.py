@@ -8,6 +8,7 @@ people.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, Self
@@ -305,6 +306,11 @@ class JobSpec(_Strict):
                 "eval": self.eval.model_copy(update=evals),
             }
         )
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a spec file (raises pydantic.ValidationError naming the field)."""
+    return JobSpec.model_validate(json.loads(Path(path).read_text()))
 
 
 def format_validation_error(error: ValidationError) -> str:

@@ -108,6 +108,23 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
+def llama_2_7b_config() -> LlamaConfig:
+    """meta-llama/Llama-2-7b-chat-hf's config as far as memory and FLOPs go: what the
+    planner's tests, the API's memory check and the benchmarks predict for (a config alone,
+    never weights)."""
+    return LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
+
+
 def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out: Path) -> Path:
     """Write an ordinary Hugging Face checkpoint (safetensors + tokenizer) to `out`."""
     out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from transformers import LlamaConfig
 
 from client.embedded import api_command, free_port, wait_ready
 from tests.service.conftest import invalid_fields, spawn, stop
+from warp_core.testing import llama_2_7b_config
 
 GPU_MEMORY_GIB = {"1": 48, "2": 80}
 """One-GPU workers with 48 GiB GPUs, two-GPU workers with 80 GiB GPUs."""
@@ -41,15 +41,7 @@ def api(service) -> Iterator[httpx.Client]:
 def large_job(tiny_job, tmp_path_factory) -> dict:
     """The tiny job on a directory holding only a Llama-2-7B-sized config.json: no weights."""
     model = tmp_path_factory.mktemp("llama-2-7b-config")
-    LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        tie_word_embeddings=False,
-    ).save_pretrained(model)
+    llama_2_7b_config().save_pretrained(model)
     assert [p.name for p in Path(model).iterdir()] == ["config.json"]
     return {**copy.deepcopy(tiny_job), "base_model": str(model)}
 
