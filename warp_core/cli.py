@@ -119,21 +119,20 @@ def run_command(
         if main:
             resume = f"stopped; run the same command again to resume from {out}"
             console.print(f"[yellow]{resume}[/yellow]")
-        raise typer.Exit(launch.EXIT_STOPPED) from None
+        launch.leave(launch.EXIT_STOPPED)
     except Exception as exc:  # the CLI's job is to turn any failure into a message and a code
         message = f"{type(exc).__name__}: {exc}"
         if log:
             log.exit(processes, "failed", message)
         console.print(f"[red]job failed:[/red] {message}")
-        raise typer.Exit(1) from None
+        launch.leave(1)
     if log:
         log.exit(processes, "succeeded")
-    if not main:
-        return
-    if as_json:
+    if main and as_json:
         print(json.dumps({"out": str(out), **metrics}))
-    else:
+    elif main:
         show_summary(metrics, out)
+    launch.leave(0)
 
 
 def read_spec(spec_path: Path) -> JobSpec:
