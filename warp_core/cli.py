@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -96,7 +97,7 @@ def run_command(
     spec = read_spec(spec_path)
     processes = nproc_per_node or spec.resources.gpus
     if launch.under_torchrun():
-        launch.die_with_parent()
+        launch.die_with(os.getppid())  # torchrun
     elif processes > 1:
         raise typer.Exit(launch.run_torchrun(processes, sys.argv[1:]))
     stop = launch.StopSignal().install()

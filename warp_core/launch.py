@@ -66,7 +66,8 @@ def run_torchrun(nproc_per_node: int, args: list[str]) -> int:
         *args,
     ]
     stopped = threading.Event()
-    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent_hook())
+    parent = os.getpid()
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=lambda: die_with(parent))
 
     def forward(signum: int, _frame: Any) -> None:
         stopped.set()
@@ -78,34 +79,28 @@ def run_torchrun(nproc_per_node: int, args: list[str]) -> int:
     return EXIT_STOPPED if stopped.is_set() and code != 0 else code
 
 
-def _die_with_parent_hook() -> Any:
-    """A `preexec_fn` that makes the child die with this process, with `prctl` looked up
-    before the fork (nothing is imported or allocated between fork and exec)."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 _PR_SET_PDEATHSIG = 1
 
 
-def _prctl() -> Any:
+def _find_prctl() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not Linux
         return None
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a no-op elsewhere)."""
-    parent = os.getppid()
-    prctl = _prctl()
-    if prctl is None:
+_prctl = _find_prctl()
+"""Looked up once, here: never between a fork and an exec, where loading could deadlock."""
+
+
+def die_with(parent: int) -> None:
+    """SIGKILL this process when its parent dies, or now if `parent` already has (Linux's
+    `PR_SET_PDEATHSIG`; a no-op elsewhere). Safe between fork and exec (`preexec_fn`)."""
+    if _prctl is None:
         return
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def leave(code: int) -> NoReturn:

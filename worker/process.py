@@ -21,7 +21,6 @@ task process keeps hold of it from outside:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -34,14 +33,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from warp_core.events import Event
+from warp_core.launch import die_with
 from warp_core.spec import JobSpec
 
 LOG_NAME = "warp-run.log"
 """The child's stdout and stderr, in its attempt's directory."""
-
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-"""Looked up here, not between fork and exec, where loading a library could deadlock."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class JobProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: _die_with(parent),
+                preexec_fn=lambda: die_with(parent),
             )
         self._events = self.events_path.open("rb")
         return self
@@ -180,11 +176,3 @@ class JobProcess:
     def _signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)
-
-
-def _die_with(parent: int) -> None:
-    """Between fork and exec: SIGKILL this child when the task process dies, or now if it
-    already has."""
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
