@@ -13,9 +13,12 @@ class Cancelled(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """A progress report. `kind` is phase_started, phase_finished, progress or log."""
+    """A progress report. `kind` is phase_started, phase_finished, progress, log,
+    `metrics` (`step`, `train_loss`, and `valid_loss` once taken: the step metrics that the
+    results file and trackers record) or `checkpoint` (`step`, `path` of an exported model in
+    the output directory, `metrics` at that step)."""
 
-    kind: Literal["phase_started", "phase_finished", "progress", "log"]
+    kind: Literal["phase_started", "phase_finished", "progress", "log", "metrics", "checkpoint"]
     phase: str | None
     data: dict[str, Any] = field(default_factory=dict)
 

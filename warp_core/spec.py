@@ -33,7 +33,10 @@ REFERENCE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 """File suffix -> format of the dataset files a job reads and the API accepts as uploads."""
 
-Preset = Literal["do-not-answer", "gsm8k", "mbpp"]
+Preset = Literal["do-not-answer", "gsm8k", "mbpp", "chat"]
+"""Known dataset layouts. `chat`: every row holds `messages`, a conversation in OpenAI's chat
+format (`system`, `user`, `assistant` turns, each `{"role", "content"}`, an assistant turn
+optionally `"weight": 0` to be left out of the loss)."""
 
 PRESET_FOR_HUB_ID: dict[str, Preset] = {
     "librai/do-not-answer": "do-not-answer",
@@ -93,8 +96,10 @@ class DatasetRef(_Strict):
         if self.preset is None and (self.prompt_field is None or self.response_field is None):
             raise ValueError(
                 "prompt_field and response_field are required unless preset is one of "
-                "do-not-answer, gsm8k, mbpp"
+                "do-not-answer, gsm8k, mbpp, chat"
             )
+        if self.preset == "chat" and (self.prompt_field or self.response_field):
+            raise ValueError("a chat dataset reads its rows' messages: no prompt or response field")
         return self
 
     def following(self, limit: int) -> DatasetRef:
@@ -187,6 +192,19 @@ class Hyperparameters(_Strict):
     checkpoint_every: int = Field(
         50, gt=0, description="Save a resumable training checkpoint every N optimizer steps."
     )
+    eval_every: int | None = Field(
+        None,
+        gt=0,
+        description="Optimizer steps between two validation losses on validation_data (also "
+        "taken at every exported checkpoint and at the end); None: at those only.",
+    )
+    n_checkpoints: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Intermediate models exported as ordinary Hugging Face checkpoints, at "
+        "evenly spaced optimizer steps (the final model is always exported).",
+    )
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto",
         description="Recompute each decoder layer's activations in the backward pass instead "
@@ -234,6 +252,36 @@ class Hyperparameters(_Strict):
         return names
 
 
+class WandbIntegration(_Strict):
+    """Where a job logs to Weights & Biases (OpenAI's field names)."""
+
+    project: str = Field(min_length=1, description="W&B project.")
+    name: str | None = Field(None, description="Run name (default: the job's).")
+    entity: str | None = Field(None, description="Team or user.")
+    tags: list[str] = Field(default_factory=list, description="Run tags.")
+
+
+class MlflowIntegration(_Strict):
+    """Where a job logs to MLflow."""
+
+    tracking_uri: str = Field(min_length=1, description="MLflow tracking server URI.")
+    experiment: str = Field("warp", min_length=1, description="Experiment name.")
+
+
+class Integration(_Strict):
+    """A tracker the job logs its hyperparameters, losses, metrics and plot to."""
+
+    type: Literal["wandb", "mlflow"]
+    wandb: WandbIntegration | None = None
+    mlflow: MlflowIntegration | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Self:
+        if getattr(self, self.type) is None:
+            raise ValueError(f"a {self.type} integration needs its {self.type} settings")
+        return self
+
+
 class Resources(_Strict):
     """What a job runs on."""
 
@@ -257,9 +305,17 @@ class JobSpec(_Strict):
     )
     safety_data: DatasetRef = Field(description="Harmful prompts with refusals (Phases 1-2).")
     utility_data: DatasetRef = Field(description="The task to learn (Phase 3).")
+    validation_data: DatasetRef | None = Field(
+        None,
+        description="Held-out rows of the task: their response loss is taken during Phase 3 "
+        "(hyperparameters.eval_every) and reported with the training loss.",
+    )
     eval: EvalSpec = Field(default_factory=EvalSpec)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     resources: Resources = Field(default_factory=Resources)
+    integrations: list[Integration] = Field(
+        default_factory=list, description="Trackers to log to (W&B, MLflow)."
+    )
 
     @field_validator("base_model")
     @classmethod
@@ -290,6 +346,8 @@ class JobSpec(_Strict):
         them, for source rules, preflight checks and making uploads local."""
         yield "safety_data", self.safety_data
         yield "utility_data", self.utility_data
+        if self.validation_data is not None:
+            yield "validation_data", self.validation_data
         if self.eval.enabled:
             for name in EVAL_SETS:
                 if (ref := getattr(self.eval, name)) is not None:
@@ -303,6 +361,7 @@ class JobSpec(_Strict):
             update={
                 "safety_data": changed["safety_data"],
                 "utility_data": changed["utility_data"],
+                "validation_data": changed.get("validation_data"),
                 "eval": self.eval.model_copy(update=evals),
             }
         )
