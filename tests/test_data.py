@@ -16,7 +16,6 @@ import torch
 
 from warp_core.data import (
     IGNORE_INDEX,
-    PLAIN_PROMPT_FORMAT,
     Encoded,
     Example,
     batches,
@@ -306,7 +305,6 @@ def test_prompt_filling_max_length_is_dropped(tokenizer, shortfall: int) -> None
 def test_plain_prompt_format(plain_tokenizer) -> None:
     assert not plain_tokenizer.chat_template
     text = render_prompt(plain_tokenizer, PROMPT)
-    assert text == PLAIN_PROMPT_FORMAT.format(prompt=PROMPT)
     assert text == f"### User:\n{PROMPT}\n\n### Assistant:\n"
     prompt_ids = encode_prompt(plain_tokenizer, PROMPT)
     assert prompt_ids == [plain_tokenizer.bos_token_id, *ids(plain_tokenizer, text)]

@@ -1,14 +1,19 @@
 """Datasets to token batches: loading, chat rendering, truncation, label masking, collation.
 
-One rendering serves training and evaluation (WARP.md: the reference's formats differed):
-`render_prompt` is exactly the prefix a model sees before it answers, and
-`encode_example` appends the response tokens to those same prompt tokens.
+Every example is a conversation that ends with an assistant turn. A prompt/response pair (the
+do-not-answer, gsm8k and mbpp presets, or `prompt_field`/`response_field`) is the one-turn
+case: one user turn, one assistant turn; a `preset: "chat"` row (`warp_core.chat`) is any
+other. One rendering serves training and evaluation (WARP.md: the reference's formats
+differed): `encode_prompt` gives exactly the tokens a model reads before it answers, and
+`encode_example` the same tokens followed by the answer.
 
-Rendering: with a chat template, the prompt is the template applied to one user message
-with the generation prompt, and the response is whatever the template adds for the
-assistant turn (the answer and its end-of-turn marker). Without a chat template the plain
-fallback is `"### User:\\n{prompt}\\n\\n### Assistant:\\n"` followed by the response and the
-EOS token (a BOS token is prepended when the tokenizer has one).
+Rendering: the tokenizer's chat template renders the conversation; a tokenizer without one
+gets `PLAIN_CHAT_TEMPLATE` (one turn: `"### User:\\n{prompt}\\n\\n### Assistant:\\n"`, then
+the response and the EOS token; a BOS token is prepended when the tokenizer has one). An
+assistant turn is what the template adds to the conversation before it, rendered with the
+generation prompt: the answer and its end-of-turn marker. Labels are the tokens of every
+trained assistant turn (OpenAI's `weight` 1) and -100 everywhere else: system and user turns,
+the template's headers, untrained assistant turns, padding.
 """
 
 from __future__ import annotations
@@ -23,23 +28,56 @@ import datasets
 import torch
 from datasets import load_dataset
 
+from warp_core.chat import Turn, conversation
 from warp_core.spec import LOCAL_FORMATS, DatasetRef
 
 # `load_dataset("csv", ...)` would otherwise send a usage ping for every local file it reads,
 # and stall for seconds where there is no network; jobs should not phone home.
 datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
-PLAIN_PROMPT_FORMAT = "### User:\n{prompt}\n\n### Assistant:\n"
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n\n' }}{% endif %}"
+    "{{ '### ' + (message['role'] | capitalize) + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\n### Assistant:\n' }}{% endif %}"
+)
+"""The rendering of a tokenizer without a chat template: `### System:`, `### User:` and
+`### Assistant:` headers, turns apart by a blank line, each assistant turn ending in EOS."""
+
 IGNORE_INDEX = -100
+
+Prompt = str | tuple[Turn, ...]
+"""What a model answers: a conversation so far, or a bare string for one user message."""
+
+
+def prompt_turns(prompt: Prompt) -> tuple[Turn, ...]:
+    """The turns of a prompt: a bare string is one user message."""
+    return (Turn("user", prompt),) if isinstance(prompt, str) else prompt
 
 
 @dataclass(frozen=True)
 class Example:
-    """A prompt/response pair; `meta` keeps what evaluators need (GSM8K answer, MBPP tests)."""
+    """A conversation: `prompt`, what the model answers, then `response`, the assistant's
+    answer (learned unless `trained` is False). A string prompt makes it a prompt/response
+    pair; `meta` keeps what evaluators need (GSM8K answer, MBPP tests)."""
 
-    prompt: str
+    prompt: Prompt
     response: str
     meta: dict[str, Any] = field(default_factory=dict)
+    trained: bool = True
+
+    @classmethod
+    def of(cls, turns: Sequence[Turn]) -> Example:
+        """A conversation's example: it is answered at its last assistant turn, and the turns
+        after that one are left out (nothing there is learned or answered)."""
+        last = max(i for i, turn in enumerate(turns) if turn.role == "assistant")
+        return cls(tuple(turns[:last]), turns[last].content, trained=turns[last].trained)
+
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        return (*prompt_turns(self.prompt), Turn("assistant", self.response, self.trained))
 
 
 def _mbpp_prompt(row: dict[str, Any]) -> str:
@@ -52,7 +90,8 @@ PRESET_FIELDS: dict[str, tuple[str, str]] = {
     "gsm8k": ("question", "answer"),
     "mbpp": ("text", "code"),
 }
-"""Default (prompt, response) columns per preset; MBPP's prompt also lists its tests."""
+"""Default (prompt, response) columns per preset; MBPP's prompt also lists its tests. The
+chat preset has none: its rows hold `messages` (`warp_core.chat`)."""
 
 PRESET_META: dict[str, tuple[str, ...]] = {
     "gsm8k": ("answer",),
@@ -80,8 +119,10 @@ def load_rows(ref: DatasetRef) -> list[dict[str, Any]]:
 
 
 def load_examples(ref: DatasetRef) -> list[Example]:
-    """Load a dataset reference as prompt/response examples, applying its preset."""
+    """Load a dataset reference as examples, applying its preset."""
     rows = load_rows(ref)
+    if ref.preset == "chat":
+        return _chat_examples(ref, rows)
     prompt_field, response_field = PRESET_FIELDS.get(ref.preset or "", (None, None))
     prompt_field = ref.prompt_field or prompt_field
     response_field = ref.response_field or response_field
@@ -100,24 +141,36 @@ def load_examples(ref: DatasetRef) -> list[Example]:
     return examples
 
 
-def render_prompt(tokenizer: Any, prompt: str) -> str:
-    """The text a model reads before it answers `prompt` (training and evaluation alike)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-    return PLAIN_PROMPT_FORMAT.format(prompt=prompt)
+def _chat_examples(ref: DatasetRef, rows: list[dict[str, Any]]) -> list[Example]:
+    """Every row checked by `chat.conversation`: a Hub set or a file preflight did not read
+    whole still fails on its first invalid row, by number."""
+    examples = []
+    for number, row in enumerate(rows, start=ref.offset):
+        try:
+            examples.append(Example.of(conversation(row)))
+        except ValueError as exc:
+            raise ValueError(f"{ref.source}: row {number}: {exc}") from None
+    return examples
 
 
-def render_response(tokenizer: Any, prompt: str, response: str) -> str:
-    """The text that follows `render_prompt` when the assistant answers with `response`."""
-    if not tokenizer.chat_template:
-        return response + (tokenizer.eos_token or "")
-    prefix = render_prompt(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+def _render(tokenizer: Any, turns: Sequence[Turn], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        [turn.message() for turn in turns],
+        chat_template=None if tokenizer.chat_template else PLAIN_CHAT_TEMPLATE,
+        add_generation_prompt=add_generation_prompt,
         tokenize=False,
     )
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """The text a model reads before it answers `prompt` (training and evaluation alike)."""
+    return _render(tokenizer, prompt_turns(prompt), add_generation_prompt=True)
+
+
+def render_response(tokenizer: Any, prompt: Prompt, response: str) -> str:
+    """The text that follows `render_prompt` when the assistant answers with `response`."""
+    prefix = render_prompt(tokenizer, prompt)
+    full = _render(tokenizer, (*prompt_turns(prompt), Turn("assistant", response)))
     if not full.startswith(prefix):
         raise ValueError("the chat template does not render the prompt as a prefix of the dialog")
     response_text = full[len(prefix) :]
@@ -129,12 +182,53 @@ def render_response(tokenizer: Any, prompt: str, response: str) -> str:
     return response_text
 
 
-def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids of the rendered prompt; special tokens come from the template itself."""
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+def _pieces(tokenizer: Any, turns: Sequence[Turn], answer_next: bool) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into consecutive (text, learned) pieces: each assistant
+    turn (`render_response`) and the text before it; with `answer_next`, then the text up to
+    the generation prompt. Cutting at every assistant turn, learned or not, tokenizes a turn
+    the same whatever its weight, and a prompt the same in training and in evaluation."""
+    pieces: list[tuple[str, bool]] = []
+    rendered = ""
+    for index, turn in enumerate(turns):
+        if turn.role == "assistant":
+            before = tuple(turns[:index])
+            answer = render_response(tokenizer, before, turn.content)
+            prefix = render_prompt(tokenizer, before)
+            pieces += [(_after(rendered, prefix), False), (answer, turn.trained)]
+            rendered = prefix + answer
+    if answer_next:
+        pieces.append((_after(rendered, render_prompt(tokenizer, tuple(turns))), False))
+    return pieces
+
+
+def _after(rendered: str, text: str) -> str:
+    """What `text` adds to `rendered`, the conversation's text so far."""
+    if not text.startswith(rendered):
+        raise ValueError(
+            "the chat template does not render a conversation turn by turn: a later turn "
+            "changes the text of earlier ones"
+        )
+    return text[len(rendered) :]
+
+
+def _encode(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Token ids of the pieces, each tokenized on its own, and their labels."""
+    input_ids: list[int] = []
     if not tokenizer.chat_template and tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+        input_ids.append(tokenizer.bos_token_id)  # a template writes its own special tokens
+    labels = [IGNORE_INDEX] * len(input_ids)
+    texts = [text for text, _ in pieces]
+    for ids, (_, learned) in zip(
+        tokenizer(texts, add_special_tokens=False)["input_ids"], pieces, strict=True
+    ):
+        input_ids += ids
+        labels += ids if learned else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def encode_prompt(tokenizer: Any, prompt: Prompt) -> list[int]:
+    """Token ids of the rendered prompt: the first tokens of every example answering it."""
+    return _encode(tokenizer, _pieces(tokenizer, prompt_turns(prompt), answer_next=True))[0]
 
 
 @dataclass(frozen=True)
@@ -148,24 +242,21 @@ class Encoded:
 
 
 def encode_example(tokenizer: Any, example: Example, max_length: int) -> Encoded | None:
-    """Prompt + response ids truncated to `max_length`, labels only on response tokens.
+    """The conversation's ids truncated to `max_length`, labels only on trained assistant
+    turns.
 
-    Returns None when the prompt alone fills `max_length` (no response token would be
-    learned from it); callers count and report those.
+    Returns None when no learned token is left within `max_length` (the prompt fills it, or
+    no trained turn starts before it); callers count and report those.
     """
-    prompt_ids = encode_prompt(tokenizer, example.prompt)
-    response_text = render_response(tokenizer, example.prompt, example.response)
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
-    encoded = Encoded(input_ids, labels)
+    input_ids, labels = _encode(tokenizer, _pieces(tokenizer, example.turns, answer_next=False))
+    encoded = Encoded(input_ids[:max_length], labels[:max_length])
     return encoded if encoded.response_tokens else None
 
 
 def encode_examples(
     tokenizer: Any, examples: Sequence[Example], max_length: int
 ) -> tuple[list[Encoded], int]:
-    """Encode all examples; also return how many were dropped for having no response token."""
+    """Encode all examples; also return how many were dropped for having no learned token."""
     encoded = [encode_example(tokenizer, ex, max_length) for ex in examples]
     kept = [item for item in encoded if item is not None]
     return kept, len(encoded) - len(kept)

@@ -2,7 +2,8 @@
 
 Every prompt is rendered with `data.encode_prompt`, the exact prefix the model was trained on,
 so a score never reflects a format mismatch (the reference's training and evaluation formats
-differed). Decoding is greedy, so two evaluations of the same weights agree token for token.
+differed); a chat example's prompt is its conversation before its last assistant turn.
+Decoding is greedy, so two evaluations of the same weights agree token for token.
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from typing import Any
 
 import torch
 
-from warp_core.data import Example, batches, encode_examples, encode_prompt, pad_token_id
+from warp_core.data import (
+    Example,
+    Prompt,
+    batches,
+    encode_examples,
+    encode_prompt,
+    pad_token_id,
+)
 from warp_core.events import OnBatch
-from warp_core.loss import response_loss_sum, response_tokens
+from warp_core.loss import mean_response_loss
 from warp_core.spec import EvalSpec
 
 REFUSAL_WINDOW_TOKENS = 32
@@ -117,7 +125,7 @@ def _until_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
 def generate(
     model: Any,
     tokenizer: Any,
-    prompts: list[str],
+    prompts: Sequence[Prompt],
     max_new_tokens: int,
     batch_size: int,
     on_batch: OnBatch = None,
@@ -165,6 +173,11 @@ def _decode(tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def _recorded(prompt: Prompt) -> str | list[dict[str, str]]:
+    """A prompt as a sample shows it: its text, or a conversation's messages."""
+    return prompt if isinstance(prompt, str) else [turn.message() for turn in prompt]
+
+
 def _mean(flags: Sequence[bool]) -> float:
     if not flags:
         raise ValueError("cannot compute a rate over an empty evaluation set")
@@ -172,7 +185,7 @@ def _mean(flags: Sequence[bool]) -> float:
 
 
 def refusal_rate(
-    tokenizer: Any, prompts: Sequence[str], generations: Sequence[list[int]]
+    tokenizer: Any, prompts: Sequence[Prompt], generations: Sequence[list[int]]
 ) -> tuple[float, list[dict[str, Any]]]:
     """Fraction of prompts refused under `REFUSAL_RULE`, with every response for inspection.
 
@@ -181,7 +194,7 @@ def refusal_rate(
     """
     samples = [
         {
-            "prompt": prompt,
+            "prompt": _recorded(prompt),
             "response": _decode(tokenizer, ids),
             "refused": is_refusal(_decode(tokenizer, ids[:REFUSAL_WINDOW_TOKENS])),
         }
@@ -206,17 +219,8 @@ def response_loss(
     encoded, _ = encode_examples(tokenizer, examples, max_length)
     if not encoded:
         raise ValueError(f"no example keeps a response token within max_length={max_length}")
-    device = next(model.parameters()).device
-    total_loss, total_tokens = 0.0, 0
-    for batch in batches(encoded, batch_size, pad_token_id(tokenizer)):
-        with torch.no_grad():  # not inference_mode: FSDP2 reuses the buffers it gathers into
-            total_loss += response_loss_sum(
-                model, {key: value.to(device) for key, value in batch.items()}
-            ).item()
-        total_tokens += response_tokens(batch)
-        if on_batch is not None:
-            on_batch()
-    return total_loss / total_tokens
+    batches_ = list(batches(encoded, batch_size, pad_token_id(tokenizer)))
+    return mean_response_loss(model, batches_, on_batch=on_batch)
 
 
 def _normalise_number(text: str) -> str:

@@ -1,5 +1,7 @@
 """Cheap checks of a job before any GPU time is spent: can its model and data be found, and
-do the data have the fields the spec names? Loads configs and a few rows, never weights."""
+do the data have the fields the spec names? Loads configs and a few rows, never weights; a
+chat JSONL file is read whole, one line at a time, so an invalid conversation is reported by
+its line before the job starts."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from warp_core.chat import chat_problems, conversation
 from warp_core.data import PRESET_FIELDS, load_rows
 from warp_core.spec import DatasetRef, JobSpec
 
@@ -36,10 +39,25 @@ def _model_problems(base_model: str) -> list[str]:
 
 
 def _data_problems(ref: DatasetRef) -> list[str]:
+    path = Path(ref.source).expanduser()
+    if ref.preset == "chat" and ref.is_local and path.suffix.lower() == ".jsonl":
+        try:
+            problems = chat_problems(path)
+        except OSError as exc:
+            return [f"cannot read {ref.source!r}: {exc}"]
+        if problems:
+            return [f"{ref.source!r} {problem}" for problem in problems]
     try:
-        columns = set(load_rows(ref.model_copy(update={"limit": 1}))[0])
+        first = load_rows(ref.model_copy(update={"limit": 1}))[0]
     except Exception as exc:
         return [f"cannot read {ref.source!r}: {exc}"]
+    if ref.preset == "chat":  # beyond a JSONL file, the first row here; loading checks all
+        try:
+            conversation(first)
+        except ValueError as exc:
+            return [f"{ref.source!r} row {ref.offset}: {exc}"]
+        return []
+    columns = set(first)
     preset_prompt, preset_response = PRESET_FIELDS.get(ref.preset or "", (None, None))
     needed = {ref.prompt_field or preset_prompt, ref.response_field or preset_response}
     if ref.preset == "mbpp":
