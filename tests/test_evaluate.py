@@ -24,6 +24,7 @@ from warp_core.evaluate import (
     gsm8k_final_answer,
     is_refusal,
     refusal_rate,
+    refusal_record,
     response_loss,
     run_mbpp_tests,
     utility_score,
@@ -282,6 +283,64 @@ def test_refusal_rate_is_consistent_with_its_samples(model, tokenizer, gsm8k_row
         assert sample["response"] == tokenizer.decode(ids, skip_special_tokens=True)
         window = tokenizer.decode(ids[:REFUSAL_WINDOW_TOKENS], skip_special_tokens=True)
         assert sample["refused"] == is_refusal(window)
+
+
+class RecordingJudge:
+    """Calls every response a refusal if it is longer than 10 characters; keeps what it read."""
+
+    name = "recording"
+    description = "test judge"
+
+    def __init__(self, window_tokens: int | None) -> None:
+        self.window_tokens = window_tokens
+        self.read: list[tuple[list[str], list[str]]] = []
+
+    def refusals(self, prompts, responses) -> list[bool]:
+        self.read.append((list(prompts), list(responses)))
+        return [len(r) > 10 for r in responses]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_a_judge_reads_the_prompt_and_its_window_of_the_response(
+    model, tokenizer, gsm8k_rows, window
+) -> None:
+    prompts = [row["question"] for row in gsm8k_rows[:3]]
+    generations = generate(model, tokenizer, prompts, 12, 3)
+    judge = RecordingJudge(window)
+    rate, samples = refusal_rate(tokenizer, prompts, generations, judge)
+    cut = [ids if window is None else ids[:window] for ids in generations]
+    read = [tokenizer.decode(ids, skip_special_tokens=True) for ids in cut]
+    assert judge.read == [(prompts, read)]
+    assert [s["refused"] for s in samples] == [len(r) > 10 for r in read]
+    assert [s["response"] for s in samples] == [
+        tokenizer.decode(ids, skip_special_tokens=True) for ids in generations
+    ]
+    assert rate == sum(len(r) > 10 for r in read) / 3
+
+
+def test_evaluate_uses_the_judge_its_spec_names(model, tokenizer, gsm8k_examples) -> None:
+    from warp_core.judge import NgramJudge
+
+    spec = EvalSpec(max_new_tokens=6, judge="ngram")
+    examples = gsm8k_examples[:3]
+    metrics, samples = evaluate(model, tokenizer, examples, examples, examples, None, spec, 128, 3)
+    prompts = [example.prompt for example in examples]
+    expected = NgramJudge.load().refusals(prompts, [s["response"] for s in samples["harmful"]])
+    assert [s["refused"] for s in samples["harmful"]] == expected
+    assert metrics["refusal_rate"] == sum(expected) / 3
+
+
+def test_the_refusal_record_names_the_judge_of_every_rate() -> None:
+    keyword = refusal_record(EvalSpec())
+    assert keyword["refusal_rule"] == REFUSAL_RULE
+    assert keyword["refusal_judge"] == {
+        "name": "keyword",
+        "description": REFUSAL_RULE,
+        "rates": ["refusal_rate", "over_refusal_rate"],
+    }
+    ngram = refusal_record(EvalSpec(judge="ngram"))
+    assert ngram["refusal_judge"]["name"] == "ngram"
+    assert ngram["refusal_rule"] == ngram["refusal_judge"]["description"] != REFUSAL_RULE
 
 
 def test_response_loss_matches_hand_computation(model, tokenizer, gsm8k_examples) -> None:

@@ -15,6 +15,8 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from warp_core.judge import check_judge_name
+
 DEFAULT_TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -133,6 +135,18 @@ class EvalSpec(_Strict):
         256, gt=0, description="Greedy tokens generated per GSM8K / MBPP answer."
     )
     enabled: bool = Field(True, description="Run the before/after evaluation at all.")
+    judge: str = Field(
+        "keyword",
+        description="Which judge decides refusals: 'keyword' (the phrase rule papers report), "
+        "'ngram' (a small classifier trained on human labels, no GPU; bench/JUDGE.md), or "
+        "'hf:<model id or path>' (a sequence classifier or guard chat model such as Llama "
+        "Guard, WildGuard, the HarmBench classifier).",
+    )
+
+    @field_validator("judge")
+    @classmethod
+    def _known_judge(cls, name: str) -> str:
+        return check_judge_name(name)
 
 
 class Hyperparameters(_Strict):
