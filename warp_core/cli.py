@@ -339,6 +339,70 @@ def _show_plan(predicted: Plan, gpus: list[dict[str, Any]]) -> None:
         out.print(f"  {gpu['gib']} GiB: {line}", highlight=False)
 
 
+@app.command(
+    "judge",
+    help=(
+        "Label existing responses as refusals or not with a refusal judge: keyword (the "
+        "phrase rule), ngram (default: a small classifier, no GPU) or hf:<model id or path> "
+        "(a classifier or guard model). FILE is a CSV, JSON, JSONL or Parquet file. Prints the "
+        "rows in input order, the refusal rate and the judge's description."
+    ),
+)
+def judge_command(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="The responses to label.")],
+    prompt_field: Annotated[str, typer.Option("--prompt-field", help="Column of the prompts.")],
+    response_field: Annotated[
+        str, typer.Option("--response-field", help="Column of the responses.")
+    ],
+    judge_name: Annotated[
+        str, typer.Option("--judge", help="keyword, ngram or hf:<model id or path>.")
+    ] = "ngram",
+    device: Annotated[str | None, typer.Option(help="A model judge's device.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the labels as JSON.")] = False,
+) -> None:
+    """Label the responses of FILE with a refusal judge."""
+    from warp_core.data import load_rows
+    from warp_core.judge import check_judge_name, judge_record, load_judge
+    from warp_core.spec import DatasetRef
+
+    try:
+        check_judge_name(judge_name)
+        ref = DatasetRef(source=str(file), prompt_field=prompt_field, response_field=response_field)
+        rows = load_rows(ref)
+        for field in (prompt_field, response_field):
+            if field not in rows[0]:
+                raise ValueError(f"{file} has no column {field!r} (it has {', '.join(rows[0])})")
+        judge = load_judge(judge_name, device=device)
+        prompts = [str(row[prompt_field] or "") for row in rows]
+        responses = [str(row[response_field] or "") for row in rows]
+        verdicts = judge.refusals(prompts, responses)
+    except (ValueError, OSError, KeyError, ValidationError) as exc:
+        console.print(f"[red]cannot judge {file}:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    labelled = [
+        {"refusal": bool(v), "prompt": p, "response": r}
+        for v, p, r in zip(verdicts, prompts, responses, strict=True)
+    ]
+    rate = sum(verdicts) / len(verdicts)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "rows": labelled,
+                    "refusal_rate": rate,
+                    "judge": judge.name,
+                    "judge_description": judge_record(judge)["description"],
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    for index, row in enumerate(labelled):
+        head = " ".join(row["response"].split()[:12])
+        typer.echo(f"{index}\t{'refusal' if row['refusal'] else 'answer'}\t{head}")
+    typer.echo(f"refusal rate {rate:.3f} ({sum(verdicts)}/{len(verdicts)}), judge {judge.name}")
+
+
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
