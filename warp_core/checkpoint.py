@@ -44,6 +44,11 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.directory / "latest.json").exists()
 
+    @property
+    def step(self) -> int:
+        """The step the latest checkpoint holds, where a resumed run starts (0: none)."""
+        return read_json(self.directory / "latest.json")["step"] if self.exists else 0
+
     def save(self, step: int, slots: Sequence[Slot], optimizer: SlotAdamW) -> None:
         """Write the state after `step` optimizer steps (every rank calls this)."""
         target = self.directory / f"step-{step:08d}"

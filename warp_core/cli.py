@@ -63,6 +63,8 @@ class ProgressView:
             self.progress.update(task, completed=total, total=total)
         elif event.kind == "log":
             self.progress.console.print(f"[dim]{event.phase or ''}: {data['message']}[/dim]")
+        elif event.kind == "checkpoint":
+            self.progress.console.print(f"[dim]model of step {data['step']}: {data['path']}[/dim]")
 
 
 @app.command("run")
@@ -85,6 +87,14 @@ def run_command(
     events: Annotated[
         Path | None,
         typer.Option(help="Append every event, and each process's exit, as JSON lines."),
+    ] = None,
+    run_id: Annotated[
+        str | None,
+        typer.Option(
+            "--run-id",
+            help="The job's id in its model cards and trackers (the service passes its job "
+            "id; default: the id of the run --out holds, or a new one).",
+        ),
     ] = None,
 ) -> None:
     """Run a WaRP (or plain fine-tuning) job and write its artifacts to --out.
@@ -113,7 +123,14 @@ def run_command(
                 if log:
                     log.event(event)
 
-            metrics = run(spec, out, on_event=on_event, should_stop=stop.requested, device=device)
+            metrics = run(
+                spec,
+                out,
+                on_event=on_event,
+                should_stop=stop.requested,
+                device=device,
+                run_id=run_id,
+            )
     except (KeyboardInterrupt, Cancelled):
         if log:
             log.exit(processes, "cancelled")
@@ -160,7 +177,9 @@ def show_summary(metrics: dict, out: Path) -> None:
     out_console = Console()
     if before or after:
         out_console.print(table)
-    out_console.print(f"artifacts: {out}/ (model/, metrics.json, warp/, eval/)")
+    out_console.print(
+        f"artifacts: {out}/ (model/, metrics.json, results.csv, checkpoints.json, warp/, eval/)"
+    )
 
 
 @app.command(

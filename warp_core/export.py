@@ -1,10 +1,24 @@
 """The artifact format of a job's output directory, written and read back.
 
     spec.json                     the spec as run
-    state.json                    the stages completed and their seconds (what a rerun skips)
-    metrics.json                  before/after metrics, refusal rule, timings, spectrum
-    training.json                 {"steps": optimizer steps, "examples": utility examples}
+    state.json                    the run id, the stages completed, their seconds and memory
+    metrics.json                  before/after metrics, refusal rule, run id, training, data,
+                                  timings, memory, spectrum (what the final model card shows)
+    training.json                 {"steps", "total_steps", "examples", "trained_tokens",
+                                  "train_loss", "valid_loss"}: the last step's losses (valid
+                                  None without validation data), tokens of all steps
+    data.json                     {"safety_data" | "utility_data" | "validation_data" |
+                                  "eval.harmful" | ...: {"source", "config", "split", "preset",
+                                  "offset", "rows", "sha256"}}: every dataset read (sha256 of
+                                  a local file, None for a Hub dataset)
+    results.csv                   one row per optimizer step, in step order, the columns below
+    tensorboard/                  TensorBoard event files of the same figures (and before/after)
+    tracking.json                 {"wandb": run id, "mlflow": run id}: a resumed job logs there
     model/                        an ordinary Hugging Face checkpoint (safetensors + tokenizer)
+                                  and its model card, README.md (`card.model_card`)
+    models/step-0000000N/         the same after N optimizer steps: the intermediate models
+                                  (`hyperparameters.n_checkpoints`, evenly spaced)
+    checkpoints.json              every exported model, by step (the final one last)
     warp/basis.safetensors        {basis key: U} (fp32, in x in), one per distinct input
     warp/eigenvalues.safetensors  {basis key: eigenvalues} (fp32, descending)
     warp/basis_of.json            {target module name: basis key}
@@ -15,13 +29,35 @@
     checkpoints/finetune/         resumable training state, sharded (`checkpoint.Checkpoint`)
     report.md, report.png         the job's report (`report.write_report`, rebuilt every run)
 
-All but the report are written under their name + `.partial` (`model.partial/` for the
-model) and renamed when complete (`files.replacing`), so a reader never sees half a file.
+`results.csv` (`tracking.RESULTS_COLUMNS`), a header then one row per optimizer step 1..N;
+floats written exactly (`repr`); a resumed job continues it, each step once:
+
+    step           the optimizer step, from 1
+    train_loss     mean response-token loss of the step's examples (all processes)
+    valid_loss     mean response-token loss on validation_data; empty where not taken (taken
+                   every eval_every steps, at each exported model and at the last step)
+    learning_rate  the learning rate the step used
+    grad_norm      global gradient norm before clipping
+    tokens         tokens of the step's examples, prompts and responses, without padding
+
+`checkpoints.json`: `[{"step": N, "path": "models/step-0000000N", "metrics": {...}}, ...,
+{"step": total_steps, "path": "model", "metrics": {...}}]`, `path` relative to the output
+directory, `metrics` the step's row as in the `metrics` event (`valid_loss` always there
+when the job has validation data). The same entry is reported as a `checkpoint` event
+(`warp_core.events`) once the model is on disk; a `metrics` event after every step carries
+`step`, `total_steps`, `train_loss`, `learning_rate`, `grad_norm`, `tokens` and, where taken,
+`valid_loss`.
+
+All but the report, `results.csv` (appended a row at a time) and the TensorBoard files are
+written under their name + `.partial` (`model.partial/` for the model) and renamed when
+complete (`files.replacing`), so a reader never sees half a file, nor a model without its
+card.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -112,14 +148,43 @@ def load_masks(
 
 
 def save_model(
-    model: Any, tokenizer: Any, model_dir: Path, weights: dict[str, torch.Tensor] | None = None
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path,
+    weights: dict[str, torch.Tensor] | None = None,
+    card: str | None = None,
 ) -> None:
-    """The fine-tuned model as a plain Hugging Face checkpoint: no project code to load it.
+    """The fine-tuned model as a plain Hugging Face checkpoint (no project code to load it),
+    with its model card as README.md, the directory renamed into place whole.
 
-    `weights` replace the model's own state dict (a sharded model's, gathered whole)."""
+    `weights` replace the model's own state dict (a sharded model's, gathered whole). A job's
+    models always have a `card`; a base model converted by a benchmark has none."""
     with replacing(model_dir) as partial:
         model.save_pretrained(partial, state_dict=weights)
         tokenizer.save_pretrained(partial)
+        if card is not None:
+            (partial / "README.md").write_text(card)
+
+
+def list_checkpoint(out_dir: Path, entry: dict[str, Any]) -> None:
+    """Add an exported model to `checkpoints.json` (replacing an earlier export to the same
+    path), in step order."""
+    path = out_dir / "checkpoints.json"
+    entries = [e for e in (read_json(path) if path.exists() else []) if e["path"] != entry["path"]]
+    write_json(path, sorted([*entries, entry], key=lambda e: e["step"]))
+
+
+def forget_checkpoints_after(out_dir: Path, step: int) -> None:
+    """Drop the models exported after `step`, and their entries: a job resumed from `step`
+    exports them again from the same state."""
+    path = out_dir / "checkpoints.json"
+    if not path.exists():
+        return
+    entries = read_json(path)
+    for entry in entries:
+        if entry["step"] > step:
+            shutil.rmtree(out_dir / entry["path"], ignore_errors=True)
+    write_json(path, [e for e in entries if e["step"] <= step])
 
 
 def full_state_dict(model: Any, world: World) -> dict[str, torch.Tensor] | None:

@@ -1,7 +1,9 @@
-"""Writing files and directories so that a reader never sees half of one."""
+"""Writing files and directories so that a reader never sees half of one, and naming what a
+file holds by its digest."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -23,3 +25,12 @@ def replacing(path: Path) -> Iterator[Path]:
     if partial.is_dir() and path.is_dir():
         shutil.rmtree(path)
     os.replace(partial, path)
+
+
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex: what a model card names a local dataset by."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

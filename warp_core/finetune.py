@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +28,7 @@ from torch import nn
 from warp_core.checkpoint import Checkpoint
 from warp_core.data import IGNORE_INDEX, Encoded, collate, epoch_order
 from warp_core.distributed import World
+from warp_core.events import Cancelled
 from warp_core.loss import response_loss_sum, response_tokens
 from warp_core.optimizer import SlotAdamW
 from warp_core.slots import Slot
@@ -97,6 +98,7 @@ def train(
     rotation: StepRotation | None = None,
     keep_rotated: bool = True,
     chunked_loss: bool = False,
+    checkpoint_steps: Collection[int] = (),
 ) -> int:
     """Run (or resume) the optimizer steps; returns the number of steps done.
 
@@ -104,37 +106,56 @@ def train(
     by the step's response-token count, so the result does not depend on how a step is
     split into micro-batches or processes. `schedule` defaults to the job's `Schedule` over
     `examples`. Without a `checkpoint` nothing is saved or resumed. `check_stop` is called
-    before every micro-batch and may raise to cancel; the last checkpoint stays for a later
-    resume. `keep_rotated` holds each block's gradient between the norm pass and the update
-    instead of forming it again (`step_slots`); `chunked_loss` recomputes the output head's
-    logits a chunk at a time (`loss.response_loss_sum`).
+    before every micro-batch and may raise to cancel (`Cancelled`: see below); the last
+    checkpoint stays for a later resume. `keep_rotated` holds each block's gradient between
+    the norm pass and the update instead of forming it again (`step_slots`); `chunked_loss`
+    recomputes the output head's logits a chunk at a time (`loss.response_loss_sum`).
+
+    `on_step` runs in every process after each step, before that step's checkpoint: what it
+    writes (a results row, an exported model) is then always there for the step a resumed
+    run starts from, and it may run collectives (a validation loss, gathering the model).
+    A checkpoint is saved every `checkpoint_every` steps, at the last, and at each of
+    `checkpoint_steps` (where models are exported: a resumed run never exports one again),
+    and when `check_stop` raises `Cancelled`, at the last completed step if it is not saved
+    yet: a stopped run resumes where it stopped, and ends as an uninterrupted one would.
     """
     world = world or World.alone(next(model.parameters()).device)
     schedule = schedule or Schedule(len(examples), hp)
     optimizer = SlotAdamW(hp, schedule.total_steps)
     first_step = checkpoint.restore(slots, optimizer) if checkpoint else 0
     model.train()
+    saved = first_step
     for step in range(first_step, schedule.total_steps):
         started = time.perf_counter()
         micro = [[examples[i] for i in ids] for ids in schedule.micro_batches(step)]
         labels = sum(_response_tokens(item) for batch in micro for item in batch)
         tokens = sum(len(item.input_ids) for batch in micro for item in batch)
         shares = [collate(_share(batch, world), pad_id) for batch in micro]
-        with rotation.step(tokens, labels) if rotation else nullcontext():
-            loss = accumulate_gradients(model, shares, check_stop, labels, chunked_loss)
+        try:
+            with rotation.step(tokens, labels) if rotation else nullcontext():
+                loss = accumulate_gradients(model, shares, check_stop, labels, chunked_loss)
+        except Cancelled:
+            # A stop between two updates: the state is that of `step` completed steps
+            # (the gradients half accumulated are not part of it). Saving it means a pause
+            # loses no step; every rank agreed on the stop, so all save together.
+            if checkpoint and saved != step:
+                checkpoint.save(step, slots, optimizer)
+            raise
         if world.size > 1:
             loss = float(world.sum_(torch.tensor([loss], device=world.device)).item())
         learning_rate = optimizer.learning_rate(step)
         norm = step_slots(slots, optimizer, learning_rate, hp.max_grad_norm, keep_rotated, world)
         model.zero_grad(set_to_none=True)
         done = step + 1
-        if checkpoint and (done % hp.checkpoint_every == 0 or done == schedule.total_steps):
-            checkpoint.save(done, slots, optimizer)
         if on_step:
             seconds = time.perf_counter() - started
             on_step(
                 StepReport(done, schedule.total_steps, loss, learning_rate, norm, tokens, seconds)
             )
+        due = done % hp.checkpoint_every == 0 or done in checkpoint_steps
+        if checkpoint and (due or done == schedule.total_steps):
+            checkpoint.save(done, slots, optimizer)
+            saved = done
     model.eval()
     return schedule.total_steps
 

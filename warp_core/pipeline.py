@@ -5,6 +5,11 @@ records its completion in `out_dir/state.json` after its outputs are on disk, an
 checkpoints every `checkpoint_every` steps, so calling `run` again on the same directory
 resumes where the last call stopped instead of starting over.
 
+Phase 3 records every optimizer step (`results.csv`, TensorBoard, a `metrics` event, the
+job's trackers: `warp_core.tracking`), takes the validation loss when it is due, and
+exports the intermediate models (`models/step-N/`, listed in `checkpoints.json`, announced
+by a `checkpoint` event). Every exported model carries its model card (`warp_core.card`).
+
 Under torchrun every process runs this same pipeline as one rank of the job
 (`warp_core.distributed`): the model is sharded by FSDP2, each phase splits its batches
 between the ranks, and rank 0 alone writes the artifacts and reports events. Ranks agree on
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from functools import cached_property, partial
 from pathlib import Path
@@ -25,12 +31,22 @@ import torch
 
 from warp_core import evaluate as evaluation
 from warp_core.basis import build_bases, spectrum
+from warp_core.card import model_card
 from warp_core.checkpoint import Checkpoint
-from warp_core.data import Encoded, batches, encode_examples, load_examples, pad_token_id
+from warp_core.data import (
+    Encoded,
+    Example,
+    batches,
+    encode_examples,
+    load_examples,
+    pad_token_id,
+)
 from warp_core.distributed import World
 from warp_core.events import Cancelled, Event, EventCallback
 from warp_core.export import (
+    forget_checkpoints_after,
     full_state_dict,
+    list_checkpoint,
     load_bases,
     load_masks,
     read_json,
@@ -39,8 +55,10 @@ from warp_core.export import (
     save_model,
     write_json,
 )
-from warp_core.finetune import StepReport, train
+from warp_core.files import replacing, sha256_of
+from warp_core.finetune import Schedule, StepReport, train
 from warp_core.importance import importance_scores, masks_from_importance, random_scores
+from warp_core.loss import mean_response_loss
 from warp_core.memory import PeakMemory
 from warp_core.model import (
     find_targets,
@@ -55,7 +73,8 @@ from warp_core.model import (
 from warp_core.report import write_report
 from warp_core.rotation import ActivationRotation
 from warp_core.slots import PlainSlot, RotatedSlot, Slot
-from warp_core.spec import JobSpec, load_spec
+from warp_core.spec import EVAL_SETS, DatasetRef, JobSpec, load_spec
+from warp_core.tracking import ResultsFile, StepMetrics, Tracking
 
 __all__ = ["Cancelled", "Pipeline", "load_spec", "run"]
 
@@ -70,16 +89,43 @@ STAGES: dict[str, tuple[str, float]] = {
 }
 """Stage -> (the phase it reports as, its share of the progress bar)."""
 
+FINAL_MODEL = "model"
+"""Where the final model is, in the output directory (and in `checkpoints.json`)."""
+
+
+def export_steps(total_steps: int, n_checkpoints: int) -> list[int]:
+    """The optimizer steps after which the intermediate models are exported: `n_checkpoints`
+    evenly spaced ones, `k * total_steps // (n_checkpoints + 1)` for k = 1..n, never step 0
+    nor the last (whose model is the final one); fewer when the job has fewer steps."""
+    spaced = {k * total_steps // (n_checkpoints + 1) for k in range(1, n_checkpoints + 1)}
+    return sorted(spaced - {0, total_steps})
+
+
+def intermediate_model(step: int) -> str:
+    """Where the model exported after `step` optimizer steps is, in the output directory."""
+    return f"models/step-{step:08d}"
+
 
 class RunState:
-    """`state.json`: which stages are complete, how long each took and its peak memory."""
+    """`state.json`: the run id, which stages are complete, how long each took and its peak
+    memory."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         saved = read_json(path) if path.exists() else {}
+        self.run_id: str | None = saved.get("run_id")
         self.completed: list[str] = saved.get("completed", [])
         self.timings: dict[str, float] = saved.get("timings", {})
         self.memory: dict[str, int | None] = saved.get("memory", {})
+
+    def write(self) -> None:
+        state = {
+            "run_id": self.run_id,
+            "completed": self.completed,
+            "timings": self.timings,
+            "memory": self.memory,
+        }
+        write_json(self.path, state)
 
     def done(self, stage: str) -> bool:
         return stage in self.completed
@@ -90,8 +136,7 @@ class RunState:
         self.timings[stage] = round(seconds, 3)
         self.memory[stage] = peak_bytes
         if write:
-            state = {"completed": self.completed, "timings": self.timings, "memory": self.memory}
-            write_json(self.path, state)
+            self.write()
 
 
 class Pipeline:
@@ -103,7 +148,10 @@ class Pipeline:
         should_stop: Callable[[], bool] | None = None,
         device: str | None = None,
         world: World | None = None,
+        run_id: str | None = None,
     ) -> None:
+        """`run_id` names this job in its model cards and trackers (the service passes its
+        job id); default: the one `state.json` holds, or a new one."""
         self.spec = spec
         self.hp = spec.hyperparameters
         self.out = out_dir
@@ -120,6 +168,9 @@ class Pipeline:
             self.stages = [s for s in self.stages if not s.startswith("evaluate")]
         self._stage = ""
         self._stage_progress = 0.0
+        self.requested_run_id = run_id
+        self.tracking = Tracking([], self.warn)
+        self.results: ResultsFile | None = None  # rank 0's, while Phase 3 runs
 
     # -- events and cancellation ---------------------------------------------------------
 
@@ -133,6 +184,9 @@ class Pipeline:
         if not self.world.main:
             return
         self.on_event(Event(kind, STAGES[self._stage][0] if self._stage else None, data))
+
+    def warn(self, message: str) -> None:
+        self.emit("log", message=message, level="warning")
 
     def fraction(self) -> float:
         """Overall progress in [0, 1], weighting stages by their usual cost."""
@@ -201,13 +255,36 @@ class Pipeline:
     def targets(self) -> list:
         return find_targets(self.model, self.hp.target_modules)
 
+    def read(self, where: str, ref: DatasetRef) -> list[Example]:
+        """The examples of a dataset, recorded in `data.json` (by rank 0) for the model card:
+        where they came from, how many rows were read and, for a local file, its digest."""
+        examples = load_examples(ref)
+        if self.world.main:
+            path = self.out / "data.json"
+            data = read_json(path) if path.exists() else {}
+            data[where] = {
+                "source": ref.source,
+                "config": ref.config,
+                "split": None if ref.is_local else ref.split,
+                "preset": ref.preset,
+                "offset": ref.offset,
+                "rows": len(examples),
+                "sha256": sha256_of(Path(ref.source).expanduser()) if ref.is_local else None,
+            }
+            write_json(path, data)
+        return examples
+
     def encoded(self, which: str) -> list[Encoded]:
         ref = getattr(self.spec, which)
-        items, dropped = encode_examples(self.tokenizer, load_examples(ref), self.hp.max_length)
+        examples = self.read(which, ref)
+        items, dropped = encode_examples(self.tokenizer, examples, self.hp.max_length)
         if dropped:
-            self.emit("log", message=f"{which}: {dropped} rows dropped, prompt >= max_length")
+            self.emit(
+                "log",
+                message=f"{which}: {dropped} rows dropped, no learned token within max_length",
+            )
         if not items:
-            raise ValueError(f"{which}: no usable rows (all prompts are >= max_length tokens)")
+            raise ValueError(f"{which}: no usable rows (none learns a token within max_length)")
         return items
 
     @cached_property
@@ -225,7 +302,7 @@ class Pipeline:
     def evaluate(self, which: str) -> None:
         ev = self.spec.eval
         harmful, benign, utility = (
-            load_examples(ref) for ref in (ev.harmful, ev.benign, ev.utility)
+            self.read(f"eval.{name}", getattr(ev, name)) for name in EVAL_SETS
         )
         generated = [harmful, benign, utility]
         if ev.utility.preset in evaluation.UTILITY_TASKS:
@@ -311,24 +388,105 @@ class Pipeline:
 
     def finetune(self) -> None:
         examples = self.encoded("utility_data")
+        validation = self.validation_batches()
         recompute = resolve_gradient_checkpointing(self.hp.gradient_checkpointing, self.device)
         if recompute:
             self.model.activation_checkpointing_enable({"use_reentrant": False})
-        steps = self.run_steps(examples, recompute)
+        steps = self.run_steps(examples, validation, recompute)
         if recompute:
             self.model.activation_checkpointing_disable()
         for param in self.model.parameters():
             param.requires_grad_(False)
         weights = full_state_dict(self.model, self.world)
         if self.world.main:
-            save_model(self.model, self.tokenizer, self.out / "model", weights)
-            write_json(self.out / "training.json", {"steps": steps, "examples": len(examples)})
+            training = self.training(len(examples), steps, steps)
+            write_json(self.out / "training.json", training)
+            # Its card is written again, with the evaluation, when the job ends (`run`).
+            card = model_card(self.spec_json, self.metrics(training))
+            save_model(self.model, self.tokenizer, self.out / FINAL_MODEL, weights, card)
+            self.announce(FINAL_MODEL, self.results.rows[-1])
 
-    def run_steps(self, examples: list[Encoded], recompute: bool) -> int:
+    def validation_batches(self) -> list[dict[str, torch.Tensor]]:
+        """`validation_data` in batches of `batch_size` (none without it)."""
+        if self.spec.validation_data is None:
+            return []
+        items = self.encoded("validation_data")
+        return list(batches(items, self.hp.batch_size, pad_token_id(self.tokenizer)))
+
+    def validation_due(self, step: int, total_steps: int, exports: list[int]) -> bool:
+        """Whether the validation loss is taken after `step`: every `eval_every` steps, at
+        each exported model and at the last step."""
+        every = self.hp.eval_every
+        return step == total_steps or step in exports or (every is not None and step % every == 0)
+
+    def training(self, examples: int, steps: int, total_steps: int) -> dict[str, Any]:
+        """`training.json` after `steps` optimizer steps, from the rows of `results.csv`:
+        the last training loss, the last validation loss taken (None without validation
+        data) and the tokens trained (prompts and responses: OpenAI's `trained_tokens`)."""
+        assert self.results is not None
+        rows = self.results.through(steps)
+        taken = [row.valid_loss for row in rows if row.valid_loss is not None]
+        return {
+            "steps": steps,
+            "total_steps": total_steps,
+            "examples": examples,
+            "trained_tokens": sum(row.tokens for row in rows),
+            "train_loss": rows[-1].train_loss if rows else None,
+            "valid_loss": taken[-1] if taken else None,
+        }
+
+    def announce(self, path: str, metrics: StepMetrics) -> None:
+        """List an exported model in `checkpoints.json` and report it (rank 0)."""
+        entry = {"step": metrics.step, "path": path, "metrics": metrics.as_dict()}
+        list_checkpoint(self.out, entry)
+        self.emit("checkpoint", **entry)
+
+    def export_intermediate(self, step: int, total_steps: int, examples: int) -> None:
+        """The model after `step` optimizer steps as `models/step-N/`, with its card (every
+        rank gathers a sharded model's weights; rank 0 writes)."""
+        weights = full_state_dict(self.model, self.world)
+        if self.world.main:
+            assert self.results is not None
+            path = intermediate_model(step)
+            card = model_card(
+                self.spec_json, self.metrics(self.training(examples, step, total_steps)), step
+            )
+            save_model(self.model, self.tokenizer, self.out / path, weights, card)
+            self.announce(path, self.results.rows[-1])
+
+    def run_steps(
+        self, examples: list[Encoded], validation: list[dict[str, torch.Tensor]], recompute: bool
+    ) -> int:
         """The optimizer steps, resumed from the last checkpoint; the trained state (W0, dC,
-        bases, moments) is freed when it returns, before the model is exported."""
+        bases, moments) is freed when it returns, before the model is exported.
+
+        What a run that stopped wrote past its last checkpoint (results rows, exported
+        models) is dropped first: this run does those steps again, from the same state."""
+        schedule = Schedule(len(examples), self.hp)
+        exports = export_steps(schedule.total_steps, self.hp.n_checkpoints)
+        checkpoint = Checkpoint(self.out / "checkpoints" / "finetune", self.world)
+        start = checkpoint.step
+        if checkpoint.exists:
+            self.emit("log", message=f"fine-tuning resumes from its checkpoint of step {start}")
+        if self.world.main:
+            self.results = ResultsFile(self.out / "results.csv")
+            self.results.resume_at(start)
+            forget_checkpoints_after(self.out, start)
+            self.tracking.resume_at(start)
 
         def report(step: StepReport) -> None:
+            valid = None
+            if validation and self.validation_due(step.step, step.total_steps, exports):
+                valid = mean_response_loss(self.model, validation, self.world)
+            metrics = StepMetrics(
+                step.step, step.loss, step.learning_rate, step.grad_norm, step.tokens, valid
+            )
+            if self.results is not None:
+                self.results.append(metrics)
+                self.tracking.log_step(metrics)
+            self.emit("metrics", total_steps=step.total_steps, **metrics.as_dict())
+            if step.step in exports:
+                self.export_intermediate(step.step, step.total_steps, len(examples))
             remaining = (step.total_steps - step.step) * step.seconds
             self.progress(
                 step.step,
@@ -340,9 +498,6 @@ class Pipeline:
                 eta_s=round(remaining, 1),
             )
 
-        checkpoint = Checkpoint(self.out / "checkpoints" / "finetune", self.world)
-        if checkpoint.exists:
-            self.emit("log", message="fine-tuning resumes from its last checkpoint")
         slots = self.slots()
         keep = resolve_keep_rotated(self.hp.keep_rotated_gradients, self.device)
         return train(
@@ -354,10 +509,12 @@ class Pipeline:
             checkpoint,
             on_step=report,
             check_stop=self.check_stop,
+            schedule=schedule,
             world=self.world,
             rotation=self.rotation(slots, keep),
             keep_rotated=keep,
             chunked_loss=recompute,  # the head's logits are activations too
+            checkpoint_steps=exports,
         )
 
     def rotation(self, slots: list[Slot], keep: bool) -> ActivationRotation | None:
@@ -374,10 +531,32 @@ class Pipeline:
 
     # -- the job ---------------------------------------------------------------------------
 
+    @cached_property
+    def spec_json(self) -> dict[str, Any]:
+        return self.spec.model_dump(mode="json")
+
+    @property
+    def run_id(self) -> str:
+        assert self.state.run_id is not None, "set by run()"
+        return self.state.run_id
+
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_spec()
+        self._start_run()
         torch.manual_seed(self.hp.seed)
+        try:
+            metrics = self._stages()
+        except (Cancelled, KeyboardInterrupt):
+            self.tracking.finish("cancelled")
+            raise
+        except BaseException:
+            self.tracking.finish("failed")
+            raise
+        self.tracking.finish("succeeded")
+        return metrics
+
+    def _stages(self) -> dict[str, Any]:
         self.stage("evaluate_before", lambda: self.evaluate("before"))
         self.stage("basis", self.build_bases)
         self.stage("importance", self.score_importance)
@@ -386,9 +565,29 @@ class Pipeline:
         metrics = self.metrics()
         if self.world.main:
             write_json(self.out / "metrics.json", metrics)
+            plot = None
             if metrics["before"] and metrics["after"]:
-                write_report(self.out, metrics, self.spec.model_dump(mode="json"))
+                write_report(self.out, metrics, self.spec_json)
+                plot = self.out / "report.png"
+            # The final model's card, now with its evaluation.
+            with replacing(self.out / FINAL_MODEL / "README.md") as partial:
+                partial.write_text(model_card(self.spec_json, metrics))
+            self.tracking.log_summary(metrics, plot)
         return metrics
+
+    def _start_run(self) -> None:
+        """Settle the run id (kept in `state.json`: a resumed job is the same run) and open
+        the trackers on rank 0."""
+        stored, requested = self.state.run_id, self.requested_run_id
+        if stored and requested and stored != requested:
+            raise ValueError(f"{self.out} holds the outputs of run {stored}, not {requested}")
+        self.state.run_id = stored or requested or uuid.uuid4().hex
+        if not self.world.main:
+            return
+        self.state.write()
+        params = {"run_id": self.run_id, "world_size": self.world.size, **self.spec_json}
+        integrations = self.spec.integrations
+        self.tracking = Tracking.open(self.out, integrations, self.run_id, params, self.warn)
 
     def _check_spec(self) -> None:
         """Record the spec; refuse to resume a directory that holds another spec's outputs
@@ -401,13 +600,17 @@ class Pipeline:
         if self.world.main:
             write_json(path, current)
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, training: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`metrics.json`: at the end of the job, or (`training` given: the figures of a step,
+        `training.json`'s shape) while it trains, for an intermediate model's card."""
+
         def evaluated(which: str) -> dict[str, Any] | None:
             path = self.out / "eval" / f"{which}.json"
             return read_json(path)["metrics"] if path.exists() else None
 
         timings, memory = self.state.timings, self.state.memory
         spectrum_path = self.out / "warp" / "spectrum.json"
+        data_path = self.out / "data.json"
         return {
             "method": self.spec.method,
             "before": evaluated("before"),
@@ -428,7 +631,9 @@ class Pipeline:
                 "evaluate": _peak(memory, "evaluate_before", "evaluate_after"),
             },
             "world_size": self.world.size,
-            "training": read_json(self.out / "training.json"),
+            "run_id": self.run_id,
+            "training": training or read_json(self.out / "training.json"),
+            "data": read_json(data_path) if data_path.exists() else {},
             "spectrum": read_json(spectrum_path) if spectrum_path.exists() else {},
         }
 
@@ -444,13 +649,16 @@ def run(
     on_event: EventCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: str | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) `spec` into `out_dir`; returns the metrics written to metrics.json.
 
-    Under torchrun this process joins the job's other ranks (`World.join`).
+    Under torchrun this process joins the job's other ranks (`World.join`). `run_id` names
+    the job in its model cards and trackers (default: the id of the run it resumes, or new).
     """
     world = World.join(device)
     try:
-        return Pipeline(spec, Path(out_dir), on_event, should_stop, world=world).run()
+        pipeline = Pipeline(spec, Path(out_dir), on_event, should_stop, world=world, run_id=run_id)
+        return pipeline.run()
     finally:
         world.close()
