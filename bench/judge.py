@@ -237,6 +237,11 @@ def agreement(data_root: Path = SHARED_DATA) -> str:
             "all eight sets; a job measures it on its own model's responses, none of which it "
             "was trained on.",
             "",
+            "Quoted examples above are from XSTest (Röttger et al., CC BY 4.0) and "
+            "Do-Not-Answer (LibrAI, Wang et al., CC BY-NC-SA 4.0: non-commercial, share-alike; "
+            "see `warp_core/example_data/do-not-answer.NOTICE.md`). Content warning: they and "
+            "the sets measured here concern harmful requests.",
+            "",
         ]
     )
 

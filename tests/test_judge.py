@@ -81,6 +81,9 @@ def test_the_script_reproduces_the_shipped_ngram_judge_bit_for_bit() -> None:
         NGRAM_MODEL.read_text(encoding="utf-8")
     )["trained_on"]
     assert train_ngram_on(sets, sets).encode() == NGRAM_MODEL.read_bytes()
+    # full + partial refusals in XSTest (199 + 41, 49 + 27); actions 0-1 in Do-Not-Answer
+    refusals = [sum(row.refusal for row in rows) for rows in sets.values()]
+    assert refusals == [240, 76, 412, 398, 384, 316, 509, 366]
 
 
 @pytest.mark.parametrize("name", ["llamaguard", "hf:", "Keyword", ""])
