@@ -1,7 +1,12 @@
-"""Every error answers `{"error": {"code", "message", ...}}` with the right status.
+"""Every error answers `{"error": {"code", "message", "type", "param", ...}}` with the right
+status: one envelope for the whole API, which is also OpenAI's (`message`, `type`, `param`,
+`code`), so the `openai` SDK reads our errors as it reads OpenAI's and the `warp` client reads
+`code` and `message` as before.
 
-Bad input is a 4xx naming the field; a missing dependency is a 503; nothing the client
-sends produces a 500.
+Bad input is a 4xx naming the field (`param`, and every field in `fields` on a 422); a
+missing dependency is a 503; nothing the client sends produces a 500. A 409 that the same
+request would meet again says so with `x-should-retry: false`, which the SDK obeys instead of
+retrying every 409.
 """
 
 from __future__ import annotations
@@ -28,12 +33,35 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
-def not_found(what: str, ident: str) -> ApiError:
-    return ApiError(404, "not_found", f"no {what} with id {ident}")
+def not_found(what: str, ident: str, param: str | None = None) -> ApiError:
+    return ApiError(404, "not_found", f"no {what} with id {ident}", param=param)
 
 
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
+def conflict(code: str, message: str, deterministic: bool = True) -> ApiError:
+    """A 409. `deterministic`: the same request fails the same way until something else
+    changes (a finished job, a reused idempotency key), so clients must not retry it; a
+    passing state (a job still pausing) is worth a retry, the SDK's default for a 409."""
+    headers = {"x-should-retry": "false"} if deterministic else None
+    return ApiError(409, code, message, headers=headers)
+
+
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+"""OpenAI's error `type` per status; other 4xx are `invalid_request_error`, 5xx
+`server_error`."""
+
+
+def error_type(status: int) -> str:
+    if status >= 500:
+        return "server_error"
+    return ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def error_body(status: int, code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The envelope. `param` is the field at fault: given, or the first one a 422 names."""
+    fields = extra.get("fields") or []
+    param = extra.pop("param", None) or (fields[0]["field"] if fields else None)
+    error = {"code": code, "message": message, "type": error_type(status), "param": param}
+    return {"error": {**error, **extra}}
 
 
 class FieldError(BaseModel):
@@ -46,6 +74,11 @@ class ErrorDetail(BaseModel):
 
     code: str = Field(description="Stable, machine-readable, e.g. `not_found`")
     message: str
+    type: str = Field(
+        description="OpenAI's error class: invalid_request_error, authentication_error, "
+        "permission_error, rate_limit_error or server_error"
+    )
+    param: str | None = Field(description="The field at fault (dotted path), if one is")
     fields: list[FieldError] | None = Field(None, description="On a 422: what is wrong where")
 
 
@@ -89,7 +122,7 @@ def invalid(fields: list[dict[str, str]]) -> ApiError:
 
 def render(exc: ApiError) -> JSONResponse:
     extra = {key: value for key, value in exc.extra.items() if key != "headers"}
-    body = error_body(exc.code, exc.message, **extra)
+    body = error_body(exc.status, exc.code, exc.message, **extra)
     return JSONResponse(body, exc.status, headers=exc.extra.get("headers"))
 
 
@@ -105,7 +138,7 @@ def framework_error(request: Request, exc: HTTPException) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(allowed_methods(request))
-    body = error_body(status_code_name(exc.status_code), str(exc.detail))
+    body = error_body(exc.status_code, status_code_name(exc.status_code), str(exc.detail))
     return JSONResponse(body, exc.status_code, headers=headers)
 
 
@@ -160,9 +193,10 @@ def install_handlers(app: FastAPI) -> None:
     async def database_down(_request: Request, exc: Exception) -> JSONResponse:
         message = "the database is unavailable or saturated; retry later"
         headers = {"Retry-After": "5"}
-        return JSONResponse(error_body("database_unavailable", message), 503, headers=headers)
+        body = error_body(503, "database_unavailable", message)
+        return JSONResponse(body, 503, headers=headers)
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(_request: Request, exc: Exception) -> JSONResponse:
         message = "Redis is unavailable; retry later"
-        return JSONResponse(error_body("redis_unavailable", message), 503)
+        return JSONResponse(error_body(503, "redis_unavailable", message), 503)

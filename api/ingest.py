@@ -22,9 +22,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from api.db import session_scope
+from api.files.service import RESULTS_FILE, results_file
 from api.models import Artifact, Job, JobEvent
 from service.config import settings
 from service.protocol import JobEventMessage
+from service.status import STOPPING
 
 log = logging.getLogger(__name__)
 INGEST_LAG = Gauge("warp_event_ingestion_lag_seconds", "Age of the last ingested event")
@@ -63,6 +65,8 @@ def _fold(session: Session, job: Job, message: JobEventMessage, at: datetime) ->
         session.merge(
             Artifact(job_id=job.id, name=data["name"], size=data["size"], sha256=data["sha256"])
         )
+        if data["name"] == RESULTS_FILE:  # the fine-tuning API's result file
+            session.merge(results_file(job, data["size"], data["sha256"]))
     elif message.kind == "finished" and not job.finished:
         job.status, job.finished_at = data["status"], at
         job.metrics = data.get("metrics")
@@ -72,7 +76,7 @@ def _fold(session: Session, job: Job, message: JobEventMessage, at: datetime) ->
             job.progress_fraction = 1.0
     elif message.seq > job.last_seq and not job.finished:
         if message.kind == "started":
-            job.status = "cancelling" if job.status == "cancelling" else "running"
+            job.status = _started(job.status)
             job.attempt = max(job.attempt, data["attempt"])
             job.started_at = job.started_at or at
         if message.phase:
@@ -81,7 +85,18 @@ def _fold(session: Session, job: Job, message: JobEventMessage, at: datetime) ->
             job.progress_fraction = data["fraction"]
         if message.kind == "progress":
             job.progress_step, job.progress_total_steps = data["step"], data["total_steps"]
+        if message.kind == "paused" and job.status != "cancelling":
+            job.status = "paused"
     job.last_seq = max(job.last_seq, message.seq)
+
+
+def _started(status: str) -> str:
+    """A job's status once a worker has started it: running, unless it was asked to stop
+    meanwhile (a pause that found it queued has set `paused`; the worker now stopping it
+    makes it `pausing` until it reports `paused`)."""
+    if status in STOPPING:
+        return status
+    return "pausing" if status == "paused" else "running"
 
 
 class Ingester:

@@ -4,7 +4,7 @@ source of truth."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
@@ -47,6 +47,11 @@ class Job(Base):
     last_seq: Mapped[int] = mapped_column(default=0)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    suffix: Mapped[str | None] = mapped_column(String(64))
+    """OpenAI's `suffix`: part of the fine-tuned model's name."""
+    user_metadata: Mapped[dict[str, str] | None] = mapped_column(JSON)
+    """OpenAI's `metadata`: up to 16 string pairs the caller attached (the spec holds
+    everything the job runs with, `seed` and `integrations` included)."""
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -84,15 +89,29 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
+FilePurpose = Literal["fine-tune", "fine-tune-results"]
+"""OpenAI's purposes that the files API knows: uploads are `fine-tune`; a job's step-metrics
+file is `fine-tune-results`."""
+
+
 class UploadedFile(Base):
+    """A file of the files API: an upload (`fine-tune`), or a job's step-metrics results
+    (`fine-tune-results`, `job_id` set), whose content is that job's artifact."""
+
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     owner_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32), server_default="fine-tune")
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    """The job whose results file this is (jobs are never deleted, so no foreign key)."""
     filename: Mapped[str] = mapped_column(String(255))
     format: Mapped[str] = mapped_column(String(16))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    rows: Mapped[int] = mapped_column()
-    columns: Mapped[list[str]] = mapped_column(JSON)
+    rows: Mapped[int | None] = mapped_column()
+    """Parsed at upload; not counted for a job's results file."""
+    columns: Mapped[list[str] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+    __table_args__ = (Index("ix_files_created_at_id", "created_at", "id"),)

@@ -7,12 +7,14 @@ longest job: days during which the job would sit `running`. And a message can be
 outright: kombu's Redis transport pops it (BRPOP) before the worker records it, so a worker
 that dies at that instant takes the message with it and the job would stay `queued` forever.
 
-The reaper watches instead. A job the database calls queued (and sent), running or
+The reaper watches instead. A job the database calls queued (and sent), running, pausing or
 cancelling, whose message is not waiting in the queue and which no worker has leased, for
 longer than `lease_s`, and which has not finished, has no live delivery. It is sent again
 (the next worker resumes from the checkpoint if it shares the work directory), a cancelling
-one ends `cancelled`, and a running one that has used `max_attempts` ends `failed` with
-`worker_lost`. A job whose message waits in the queue is left alone however long it waits.
+one ends `cancelled`, a pausing one is `paused` (its checkpoint is on the work volume, where
+a resume finds it), and a running one that has used `max_attempts` since it was submitted
+or resumed ends `failed` with `worker_lost`. A job whose message waits in the queue is left
+alone however long it waits, and so is a paused one: nothing is meant to run it.
 
 Its verdicts travel through the event stream like a worker's reports, so a job's events stay
 gap-free and one ingester applies them. With several API replicas, a short-lived marker in
@@ -33,7 +35,8 @@ from api.db import session_scope
 from api.dispatch import queue_of, send, waiting_job_ids
 from api.models import Job
 from service.config import settings
-from service.protocol import DONE_TTL_S, EventPublisher, job_key
+from service.protocol import DONE_TTL_S, EventPublisher, attempts_since_resume, job_key
+from service.status import STOPPING
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class Reaper:
         with session_scope() as session:
             sent = and_(Job.status == "queued", Job.dispatched_at.is_not(None))
             query = select(Job.id, Job.status, Job.spec).where(
-                or_(sent, Job.status.in_(("running", "cancelling")))
+                or_(sent, Job.status.in_(("running", *STOPPING)))
             )
             jobs = list(session.execute(query))
         self.missing_since = {
@@ -81,11 +84,13 @@ class Reaper:
             job_key(job_id, "reaping"), 1, nx=True, ex=math.ceil(settings.lease_s)
         ):
             return False
-        attempt = int(self.client.get(job_key(job_id, "attempt")) or 0)
+        attempt = attempts_since_resume(self.client, job_id)
         events = EventPublisher(self.client, settings.event_stream, job_id)
         silence = f"no heartbeat from its worker for over {settings.lease_s:g} s"
         if status == "cancelling":
             self._finish(events, "cancelled")
+        elif status == "pausing":
+            events.publish("paused", reason=f"{silence}; paused at its last checkpoint")
         elif status == "running" and attempt >= settings.max_attempts:
             message = f"{silence} on attempt {attempt} of {settings.max_attempts}; giving up"
             self._finish(events, "failed", error={"code": "worker_lost", "message": message})

@@ -145,7 +145,7 @@ def call(action, *args, **kwargs):
 def describe(job: dict) -> None:
     progress = job["progress"]
     line = f"{job['id']}  {job['status']:<10} {job['spec']['method']:<5}"
-    if job["status"] in ("running", "cancelling"):
+    if job["status"] in ("running", "pausing", "paused", "cancelling"):
         line += f" {job['phase'] or '':<10} {progress['fraction']:5.0%}"
     if job.get("error"):
         line += f"  {job['error']['code']}: {job['error']['message'][:80]}"
@@ -215,6 +215,19 @@ def print_event(event: dict) -> None:
 def cancel(job_id: str, as_json: JsonOption = False) -> None:
     """Cancel a job (queued: at once; running: at its next step)."""
     emit(call(client().cancel, job_id), as_json, describe)
+
+
+@app.command()
+def pause(job_id: str, as_json: JsonOption = False) -> None:
+    """Pause a job: a running one stops at its next step keeping its checkpoint (pausing,
+    then paused); a queued one is paused at once."""
+    emit(call(client().pause, job_id), as_json, describe)
+
+
+@app.command()
+def resume(job_id: str, as_json: JsonOption = False) -> None:
+    """Resume a paused job: queued again, it continues from its checkpoint."""
+    emit(call(client().resume, job_id), as_json, describe)
 
 
 @app.command()

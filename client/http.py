@@ -49,6 +49,12 @@ class WarpClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/pause")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/resume")
+
     def events(self, job_id: str, after: int = 0, limit: int = 1000) -> dict[str, Any]:
         params = {"after": after, "limit": limit}
         return self._request("GET", f"/v1/jobs/{job_id}/events", params=params)

@@ -34,6 +34,10 @@ def job_queue(gpus: int) -> str:
 UPLOAD_PREFIX = "file:"
 """A dataset source `file:<id>` names a file uploaded through the API."""
 
+JOB_MODEL_PREFIX = "job:"
+"""A base model `job:<job_id>/<dir>` names a model another job exported: its `model` or one
+of its intermediate checkpoints (`models/step-N`), read from the artifact store."""
+
 # INCR and XADD in one script: no event can take a number without being appended.
 _APPEND = """
 local seq = redis.call('INCR', KEYS[1])
@@ -59,7 +63,7 @@ def redis_client(url: str) -> redis.Redis:
 # -- every Redis key (Celery's own queue lists are kombu's, see api.dispatch) ---------------
 
 
-JobKey = Literal["seq", "cancel", "attempt", "lease", "done", "reaping"]
+JobKey = Literal["seq", "cancel", "pause", "attempt", "resumed_at", "lease", "done", "reaping"]
 
 
 def job_key(job_id: str, name: JobKey) -> str:
@@ -67,7 +71,12 @@ def job_key(job_id: str, name: JobKey) -> str:
 
     - `seq`: the event counter, the next event's number;
     - `cancel`: set when the job is cancelled (a running job polls it);
-    - `attempt`: how many times a worker has started the job;
+    - `pause`: set while the job is paused or pausing (a running job polls it; a delivery
+      that finds it leaves the job alone), removed when it is resumed;
+    - `attempt`: how many times a worker has started the job (attempt numbers never repeat,
+      so each attempt's directory is its own);
+    - `resumed_at`: the attempt count when the job was last resumed: only the attempts after
+      it count against `max_attempts` (`attempts_since_resume`), so pausing is no failure;
     - `lease`: the token of the worker running it, kept alive by its heartbeat (service.lease);
     - `done`: the final status, once finished: a late duplicate delivery, or the reaper, sees
       it and leaves the job alone;
@@ -77,7 +86,16 @@ def job_key(job_id: str, name: JobKey) -> str:
 
 
 CANCEL_FLAG_TTL_S = 30 * 24 * 3600
-"""How long a cancel flag stays: longer than any job runs."""
+"""How long a cancel or pause flag stays: longer than any job runs or waits paused."""
+
+
+def attempts_since_resume(client: redis.Redis, job_id: str) -> int:
+    """The job's deliveries since it was submitted or last resumed: what `max_attempts`
+    bounds. A paused attempt ended cleanly; the ones before a resume are not held against
+    the job, while every attempt keeps its own number."""
+    started, resumed_at = client.mget(job_key(job_id, "attempt"), job_key(job_id, "resumed_at"))
+    return int(started or 0) - int(resumed_at or 0)
+
 
 DONE_TTL_S = 30 * 24 * 3600
 """How long the done marker outlives the job: longer than any redelivery can be late."""

@@ -1,6 +1,7 @@
 """Where a job may read its model and data from, on a server that runs other people's jobs.
 
-A source is an upload (`file:<id>`, datasets only), a Hub id (`name` or `owner/name`), or
+A source is an upload (`file:<id>`, datasets only), a model another job exported
+(`job:<job_id>/<dir>`, base models only), a Hub id (`name` or `owner/name`), or
 an absolute path whose real location (symlinks resolved) lies under one of
 `WARP_DATA_ROOTS`. Anything else is refused: URLs of any scheme, `~`, relative paths and
 `..` tricks. The API checks this at submission (422 naming the field) and the worker again
@@ -15,10 +16,21 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.protocol import UPLOAD_PREFIX
+from service.protocol import JOB_MODEL_PREFIX, UPLOAD_PREFIX
 from warp_core.spec import JobSpec
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+JOB_MODEL = re.compile(
+    re.escape(JOB_MODEL_PREFIX) + r"(?P<job_id>[0-9a-f]{32})/(?P<dir>[\w.-]+(/[\w.-]+)*)"
+)
+"""`job:<job_id>/<dir>`: a directory of another job's artifacts (the API checks that the
+caller owns the job and that a model is there)."""
+
+
+def job_model(source: str) -> re.Match[str] | None:
+    """The job id and directory a `job:` base model names, None for any other source."""
+    match = JOB_MODEL.fullmatch(source)
+    return match if match and ".." not in match["dir"].split("/") else None
 
 
 def problem(source: str, roots: Sequence[Path], local_file: bool = False) -> str | None:
@@ -50,7 +62,11 @@ def _allowed(roots: Sequence[Path]) -> str:
 def source_problems(spec: JobSpec, roots: Sequence[Path]) -> list[dict[str, str]]:
     """`{"field", "reason"}` for every source of the spec this server may not read."""
     found = []
-    if reason := problem(spec.base_model, roots):
+    if spec.base_model.startswith(JOB_MODEL_PREFIX):
+        if not job_model(spec.base_model):
+            reason = "a job's model is named job:<job id>/<directory>, e.g. job:<id>/model"
+            found.append({"field": "base_model", "reason": reason})
+    elif reason := problem(spec.base_model, roots):
         found.append({"field": "base_model", "reason": reason})
     for where, ref in spec.dataset_refs():
         if ref.source.startswith(UPLOAD_PREFIX):

@@ -69,3 +69,17 @@ class ArtifactStore:
     def download(self, path: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         self.fs.get(path, str(target))
+
+    def download_job_dir(self, job_id: str, name: str, target: Path) -> int:
+        """Every artifact of a job under the directory `name` (a model it exported), copied
+        into `target` with their relative paths; returns how many files there were."""
+        prefix = self.job_path(job_id, name).rstrip("/") + "/"
+        paths = self.fs.find(prefix)
+        for path in paths:
+            self.download(path, target / path.removeprefix(prefix))
+        return len(paths)
+
+    def delete(self, path: str) -> None:
+        """Remove a stored file; one already gone is no error (a delete is retried)."""
+        if self.fs.exists(path):
+            self.fs.rm(path)

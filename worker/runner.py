@@ -3,11 +3,16 @@
 
 The runner needs Redis and the artifact store only. It holds the job's lease (its heartbeat
 is a thread here, beside the job's processes, never in them), checks the spec, starts the
-job's processes and relays their events (throttled progress), polls the cancel flag, and
-stops every process on cancel, timeout or a lost lease. How the processes ended decides the
-rest: succeeded (the artifacts are uploaded), failed, cancelled, or killed, which is no end
-at all: `AttemptLost` hands the job back to Celery, and its next delivery resumes from the
-checkpoint in the job's work directory. One `finished` event closes every job.
+job's processes and relays their events (throttled progress), polls the cancel and pause
+flags, and stops every process on cancel, pause, timeout or a lost lease. How the processes
+ended decides the rest: succeeded (the artifacts are uploaded), failed, cancelled, or
+killed, which is no end at all: `AttemptLost` hands the job back to Celery, and its next
+delivery resumes from the checkpoint in the job's work directory. One `finished` event
+closes every job.
+
+A pause ends the attempt, not the job: the processes stop at their next step as for a
+cancel, a `paused` event is published, and the work directory (the checkpoint, the
+localised inputs) stays for the delivery that a resume sends; nothing marks the job done.
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ from pydantic import ValidationError
 
 from service.config import settings
 from service.lease import Lease
-from service.protocol import DONE_TTL_S, UPLOAD_PREFIX, EventPublisher, job_key, redis_client
-from service.sources import source_problems
+from service.protocol import (
+    DONE_TTL_S,
+    UPLOAD_PREFIX,
+    EventPublisher,
+    attempts_since_resume,
+    job_key,
+    redis_client,
+)
+from service.sources import job_model, source_problems
 from service.status import JobStatus
 from service.storage import ArtifactStore
 from warp_core.events import Event
@@ -40,7 +52,7 @@ log = logging.getLogger(__name__)
 RELAY_S = 0.1
 """How often the runner reads the job's new events and looks at its processes."""
 
-Stopped = Literal["cancelled", "timeout", "taken_over"]
+Stopped = Literal["cancelled", "paused", "timeout", "taken_over"]
 
 
 class AttemptLost(RuntimeError):
@@ -64,15 +76,18 @@ class JobRunner:
         """Run the job to a terminal status and report it; returns that status.
 
         Raises LeaseHeld when another live worker is running the job (the task retries).
-        A delivery of a job that has already finished does nothing.
+        A delivery of a job that has already finished does nothing, and neither does one of
+        a paused job (a message that was on the queue when it was paused).
         """
         if finished := self.client.get(job_key(self.job_id, "done")):
             return finished.decode()
         if self.client.exists(job_key(self.job_id, "cancel")):
             return self.finish("cancelled")
+        if self.client.exists(job_key(self.job_id, "pause")):
+            return "paused"
         with Lease(self.client, self.job_id, settings.lease_s) as self.lease:
             attempt = self.client.incr(job_key(self.job_id, "attempt"))
-            if attempt > settings.max_attempts:
+            if attempts_since_resume(self.client, self.job_id) > settings.max_attempts:
                 return self.give_up(attempt)
             self.events.publish("started", attempt=attempt, worker=socket.gethostname())
             return self.attempt(attempt)
@@ -80,8 +95,8 @@ class JobRunner:
     def give_up(self, attempt: int) -> JobStatus:
         """Fail a job whose every attempt died, with what the last one printed if it ran here."""
         message = (
-            f"the job was started {attempt - 1} times without finishing (its worker or its "
-            f"processes died each time); giving up after {settings.max_attempts} attempts"
+            f"the job was started {settings.max_attempts} times without finishing (its worker "
+            f"or its processes died each time); giving up after {settings.max_attempts} attempts"
         )
         if last_words := tail(self.attempt_dir(attempt - 1) / LOG_NAME):
             message += f". The last attempt's output ended with:\n{last_words}"
@@ -117,8 +132,8 @@ class JobRunner:
         """Relay the child's events until its processes end; returns why the runner stopped
         them, or None if they ended by themselves.
 
-        Cancel and timeout ask every rank to stop at its next step (SIGTERM), and kill what
-        still runs after `stop_grace_s`; a lost lease kills at once: the job belongs to
+        Cancel, pause and timeout ask every rank to stop at its next step (SIGTERM), and kill
+        what still runs after `stop_grace_s`; a lost lease kills at once: the job belongs to
         another worker now, and its processes must not run beside that worker's.
         """
         stopped: Stopped | None = None
@@ -128,8 +143,7 @@ class JobRunner:
                 if self.lease.lost.wait(RELAY_S):
                     child.kill()
                     return "taken_over"
-                if stopped is None and self.cancel_requested():
-                    stopped = "cancelled"
+                if stopped is None and (stopped := self.stop_requested()):
                     child.stop(settings.stop_grace_s)
             except SoftTimeLimitExceeded:
                 stopped = "timeout"
@@ -149,6 +163,8 @@ class JobRunner:
             return self.succeed()
         if stopped == "cancelled":
             return self.finish("cancelled")
+        if stopped == "paused" and ending.status != "failed":
+            return self.pause()
         if ending.status == "failed":
             return self.finish("failed", error={"code": "job_error", "message": ending.message})
         log.warning("job %s: attempt lost (%s); it runs again", self.job_id, ending.message)
@@ -163,21 +179,45 @@ class JobRunner:
             )
         return self.finish("succeeded", metrics=metrics)
 
+    def pause(self) -> JobStatus | str:
+        """Report the job paused and keep its work directory for the resume. A cancel that
+        came while it was stopping wins: the job is cancelled instead."""
+        if self.client.exists(job_key(self.job_id, "cancel")):
+            return self.finish("cancelled")
+        self.events.publish("paused")
+        return "paused"
+
     def timed_out(self) -> JobStatus:
         message = f"the job ran longer than {settings.job_soft_time_limit_s} s"
         return self.finish("failed", error={"code": "timeout", "message": message})
 
     def prepare(self) -> JobSpec:
-        """The spec with uploaded files made local, checked before the model is loaded."""
+        """The spec with uploaded files and other jobs' models made local, checked before the
+        model is loaded."""
         try:
             spec = JobSpec.model_validate(self.raw_spec)
         except ValidationError as exc:
             raise PreflightError(format_validation_error(exc)) from exc
         if problems := source_problems(spec, settings.data_roots):
             raise PreflightError("; ".join(f"{p['field']}: {p['reason']}" for p in problems))
-        spec = spec.map_datasets(self.localise)
+        spec = spec.map_datasets(self.localise).model_copy(
+            update={"base_model": self.localise_model(spec.base_model)}
+        )
         check_spec(spec)
         return spec
+
+    def localise_model(self, base_model: str) -> str:
+        """Copy a model another job exported (`job:<id>/<dir>`) next to this job and name it
+        by its path; any other base model as it is."""
+        if (named := job_model(base_model)) is None:
+            return base_model
+        local = self.out / "inputs" / "models" / named["job_id"] / named["dir"]
+        copied = (local / "config.json").exists() or self.store.download_job_dir(
+            named["job_id"], named["dir"], local
+        )
+        if not copied:
+            raise PreflightError(f"base_model: {base_model} is not in the artifact store")
+        return str(local)
 
     def localise(self, ref: DatasetRef) -> DatasetRef:
         """Copy an uploaded file (`file:<id>`) next to the job and point the reference at it."""
@@ -206,13 +246,19 @@ class JobRunner:
             self._last_progress = now
         self.events.publish(event.kind, event.phase, **event.data)
 
-    def cancel_requested(self) -> bool:
-        """Whether the job's cancel flag is set, looked up at most every `cancel_poll_s`."""
+    def stop_requested(self) -> Literal["cancelled", "paused"] | None:
+        """Whether the job was cancelled or paused (a cancel wins), looked up at most every
+        `cancel_poll_s`, both flags in one round trip."""
         now = time.monotonic()
         if now - self._last_poll < settings.cancel_poll_s:
-            return False
+            return None
         self._last_poll = now
-        return bool(self.client.exists(job_key(self.job_id, "cancel")))
+        cancel, pause = self.client.mget(
+            job_key(self.job_id, "cancel"), job_key(self.job_id, "pause")
+        )
+        if cancel:
+            return "cancelled"
+        return "paused" if pause else None
 
     def finish(self, status: JobStatus, **data: Any) -> JobStatus:
         """The final event. Scratch space goes; a crash (no finish) keeps it for the resume."""

@@ -1,4 +1,4 @@
-"""`/v1/jobs`: submit, read, list, cancel, events (paged and live), artifacts."""
+"""`/v1/jobs`: submit, read, list, cancel, pause, resume, events (paged and live), artifacts."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from sse_starlette.sse import EventSourceResponse
 from api.auth import Caller, CallerDep
 from api.db import session_scope
 from api.deps import RedisDep, StoreDep
-from api.dispatch import dispatch_soon, revoke
+from api.dispatch import dispatch_soon
 from api.errors import ERROR_RESPONSES, ApiError, error_response
 from api.jobs import service
-from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut, Page
+from api.jobs.schemas import ArtifactOut, Comparison, EventOut, JobOut
+from api.paging import Page
 from service.status import JobStatus
 from service.storage import CHUNK
 from warp_core.comparison import comparison_markdown, labels
@@ -97,9 +98,42 @@ def get_job(job_id: str, caller: CallerDep) -> JobOut:
     responses={409: error_response("The job already succeeded or failed")},
 )
 def cancel_job(job_id: str, client: RedisDep, caller: CallerDep) -> JobOut:
-    """Cancel: immediate for a queued job, cooperative (next step) for a running one."""
+    """Cancel: immediate for a queued or paused job, cooperative (next step) for a running
+    one."""
     with session_scope() as session:
-        return JobOut.of(service.cancel_job(session, client, job_id, revoke, caller))
+        return JobOut.of(service.cancel_job(session, client, job_id, caller))
+
+
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobOut,
+    responses={409: error_response("The job has finished or is being cancelled")},
+)
+def pause_job(job_id: str, client: RedisDep, caller: CallerDep) -> JobOut:
+    """Pause: a running job stops at its next step keeping its checkpoint (`pausing`, then
+    `paused`); a queued one is paused at once."""
+    with session_scope() as session:
+        return JobOut.of(service.pause_job(session, client, job_id, caller))
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobOut,
+    responses={
+        409: error_response("The job has finished, is being cancelled, or is still pausing")
+    },
+)
+def resume_job(
+    job_id: str, client: RedisDep, background: BackgroundTasks, caller: CallerDep
+) -> JobOut:
+    """Resume a paused job: queued again, it continues from its checkpoint and ends with the
+    weights an uninterrupted run would have."""
+    with session_scope() as session:
+        job, resumed = service.resume_job(session, client, job_id, caller)
+        out = JobOut.of(job)
+    if resumed:
+        background.add_task(dispatch_soon)
+    return out
 
 
 @router.get("/{job_id}/events", response_model=Page[EventOut])

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.models import Artifact, Job, JobEvent
 from service.status import JobStatus
-
-T = TypeVar("T")
 
 
 class Progress(BaseModel):
@@ -88,13 +86,6 @@ class ArtifactOut(BaseModel):
     @classmethod
     def of(cls, artifact: Artifact) -> ArtifactOut:
         return cls.model_validate(artifact)
-
-
-class Page(BaseModel, Generic[T]):
-    """Every list answers `{"data": [...], "has_more": bool}`."""
-
-    data: list[T]
-    has_more: bool
 
 
 class Comparison(BaseModel):

@@ -14,11 +14,12 @@ from sqlalchemy.orm import Session
 
 from api.auth import Caller, too_many
 from api.db import utcnow
-from api.errors import ApiError, invalid, not_found
+from api.dispatch import revoke, send
+from api.errors import ApiError, conflict, invalid, not_found
 from api.models import Artifact, Job, JobEvent, UploadedFile
 from service.config import settings
 from service.protocol import CANCEL_FLAG_TTL_S, UPLOAD_PREFIX, job_key
-from service.sources import source_problems
+from service.sources import job_model, source_problems
 from service.status import ACTIVE
 from warp_core.spec import JobSpec
 
@@ -26,20 +27,30 @@ if TYPE_CHECKING:
     from warp_core.plan import ModelShape, Plan
 
 
-def request_hash(spec: JobSpec) -> str:
-    canonical = json.dumps(spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def request_hash(spec: JobSpec, **labels: object) -> str:
+    """The identity of a submission: its spec and the labels stored beside it."""
+    spec_json = spec.model_dump(mode="json")
+    body = {"spec": spec_json, **labels} if labels else spec_json
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def create_job(
-    session: Session, spec: JobSpec, idempotency_key: str | None, caller: Caller
+    session: Session,
+    spec: JobSpec,
+    idempotency_key: str | None,
+    caller: Caller,
+    suffix: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[Job, bool]:
     """A new queued job, or the one already created with this idempotency key and body.
 
     Returns (job, created). The same key with another body is a 409; a caller with
-    `max_active_jobs` queued or running jobs gets a 429.
+    `max_active_jobs` queued or running jobs gets a 429. `suffix` and `metadata` are the
+    fine-tuning API's labels, kept beside the spec.
     """
-    digest = request_hash(spec)
+    labels = {"suffix": suffix, "metadata": metadata} if suffix or metadata else {}
+    digest = request_hash(spec, **labels)
     if idempotency_key:
         idempotency_key = scoped_key(idempotency_key, caller)
         if existing := _by_key(session, idempotency_key):
@@ -47,6 +58,7 @@ def create_job(
     _check_sources(spec)
     _check_memory(spec)
     _check_uploads(session, spec, caller)
+    _check_job_model(session, spec, caller)
     _check_active_jobs(session, caller)
     job = Job(
         id=uuid.uuid4().hex,
@@ -55,6 +67,8 @@ def create_job(
         spec=spec.model_dump(mode="json"),
         idempotency_key=idempotency_key,
         request_hash=digest,
+        suffix=suffix,
+        user_metadata=metadata,
         created_at=utcnow(),
     )
     try:
@@ -76,10 +90,8 @@ def scoped_key(idempotency_key: str, caller: Caller) -> str:
 
 def _replayed(job: Job | None, digest: str) -> Job:
     if job is None or job.request_hash != digest:
-        raise ApiError(
-            409,
-            "idempotency_conflict",
-            "this Idempotency-Key was used with a different request body",
+        raise conflict(
+            "idempotency_conflict", "this Idempotency-Key was used with a different request body"
         )
     return job
 
@@ -170,6 +182,23 @@ def _does_not_fit(
     return ApiError(422, "invalid_request", message, fields=[field], memory=memory)
 
 
+def _check_job_model(session: Session, spec: JobSpec, caller: Caller) -> None:
+    """A `job:<id>/<dir>` base model is a model that job exported: the caller's job, which
+    has succeeded (artifacts are stored when a job succeeds), with a config.json there."""
+    if (named := job_model(spec.base_model)) is None:
+        return
+    source = session.get(Job, named["job_id"])
+    if source is None or not caller.owns(source.owner_id):
+        reason = f"no job {named['job_id']}"
+    elif source.status != "succeeded":
+        reason = f"job {source.id} is {source.status}: its models are stored once it succeeds"
+    elif session.get(Artifact, (source.id, f"{named['dir']}/config.json")) is None:
+        reason = f"job {source.id} has no model in {named['dir']}"
+    else:
+        return
+    raise invalid([{"field": "base_model", "reason": reason}])
+
+
 def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
     for where, ref in spec.dataset_refs():
         if ref.source.startswith(UPLOAD_PREFIX):
@@ -206,23 +235,88 @@ def list_jobs(
     return rows[:limit], len(rows) > limit
 
 
-def cancel_job(session: Session, client: redis.Redis, job_id: str, revoke, caller: Caller) -> Job:
-    """Cooperative for a running job (a flag checked every step); immediate for a queued one.
+def _finished(job: Job) -> ApiError:
+    return conflict("job_finished", f"job {job.id} already {job.status}")
 
-    Idempotent: cancelling a cancelling or cancelled job returns it unchanged.
+
+def _cancelling(job: Job) -> ApiError:
+    return conflict("job_cancelling", f"job {job.id} is being cancelled")
+
+
+def cancel_job(session: Session, client: redis.Redis, job_id: str, caller: Caller) -> Job:
+    """Cooperative for a running or pausing job (a flag checked every step); immediate for a
+    queued or paused one.
+
+    A paused job's checkpoint is on its worker's work volume, which only a worker can
+    reach: the job is sent once more, and the worker that takes it finds the cancel flag,
+    reports `cancelled` and removes the work directory. Idempotent: cancelling a cancelling
+    or cancelled job returns it unchanged.
     """
     job = get_job(session, job_id, caller, lock=True)
     if job.status in ("cancelling", "cancelled"):
         return job
     if job.finished:
-        raise ApiError(409, "job_finished", f"job {job_id} already {job.status}")
+        raise _finished(job)
     client.set(job_key(job_id, "cancel"), "1", ex=CANCEL_FLAG_TTL_S)
     if job.status == "queued":
         revoke(job_id)
         job.status, job.finished_at = "cancelled", utcnow()
+    elif job.status == "paused":
+        send(job.id, job.spec)
+        job.status, job.finished_at = "cancelled", utcnow()
     else:
         job.status = "cancelling"
     return job
+
+
+def pause_job(session: Session, client: redis.Redis, job_id: str, caller: Caller) -> Job:
+    """Stop a job at its next step and keep its checkpoint: a running job is `pausing` until
+    its worker has stopped it, a queued one `paused` at once.
+
+    The flag stays while the job is paused: a delivery of it already on the queue finds it
+    and leaves the job alone (the message is not revoked, since `resume` sends the job again
+    under the same task id, which a revocation would drop too). Idempotent.
+    """
+    job = get_job(session, job_id, caller, lock=True)
+    if job.status in ("pausing", "paused"):
+        return job
+    if job.finished:
+        raise _finished(job)
+    if job.status == "cancelling":
+        raise _cancelling(job)
+    client.set(job_key(job_id, "pause"), "1", ex=CANCEL_FLAG_TTL_S)
+    job.status = "paused" if job.status == "queued" else "pausing"
+    return job
+
+
+def resume_job(
+    session: Session, client: redis.Redis, job_id: str, caller: Caller
+) -> tuple[Job, bool]:
+    """Queue a paused job again (the outbox sends it); its next worker resumes from the
+    checkpoint. Returns (job, resumed): a queued or running job is returned unchanged.
+
+    The attempts before the resume no longer count against `max_attempts`. A job still
+    pausing is a 409 worth retrying (it is paused within a step); the job counts against
+    the key's active jobs again (429).
+    """
+    job = get_job(session, job_id, caller, lock=True)
+    if job.status in ("queued", "running"):
+        return job, False
+    if job.status == "pausing":
+        raise conflict(
+            "job_pausing", f"job {job_id} is still pausing; resume it once paused", False
+        )
+    if job.finished:
+        raise _finished(job)
+    if job.status == "cancelling":
+        raise _cancelling(job)
+    _check_active_jobs(session, caller)
+    started = client.get(job_key(job_id, "attempt")) or 0
+    with client.pipeline() as pipe:
+        pipe.set(job_key(job_id, "resumed_at"), started).delete(job_key(job_id, "pause"))
+        pipe.execute()
+    job.status, job.dispatched_at = "queued", None
+    return job, True
 
 
 def list_events(

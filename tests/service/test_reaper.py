@@ -157,3 +157,35 @@ def test_a_job_for_8_gpus_is_sent_again_to_their_queue_and_left_alone_there(
     assert lost(reaper, settings.lease_s, job_id), "its message vanished: sent again"
     assert queued(redis_client, job_id, gpus=8) == 1 and queued(redis_client, job_id) == 0
     assert not lost(reaper, 1e6, job_id), "waiting in the queue of 8 GPUs: left alone"
+
+
+def test_a_pausing_job_without_a_worker_is_paused_not_sent_again(redis_client, wire, running_job):
+    """Its checkpoint is on the work volume, where the delivery that a resume sends finds it."""
+    set_status(running_job, "pausing")
+    reaper = Reaper(redis_client)
+    reaper.scan(now=0.0)
+    assert lost(reaper, settings.lease_s, running_job)
+    (paused,) = events(redis_client, wire, running_job)
+    assert paused.kind == "paused" and "no heartbeat" in paused.data["reason"]
+    assert queued(redis_client, running_job) == 0
+    assert not redis_client.exists(job_key(running_job, "done")), "not finished"
+
+
+def test_a_paused_job_is_left_alone_however_long(redis_client, wire, running_job):
+    set_status(running_job, "paused")
+    reaper = Reaper(redis_client)
+    assert not lost(reaper, 0.0, running_job) and not lost(reaper, 1e6, running_job)
+    assert events(redis_client, wire, running_job) == [] and queued(redis_client, running_job) == 0
+
+
+def test_attempts_before_a_resume_do_not_count_against_max_attempts(
+    redis_client, wire, running_job
+):
+    redis_client.set(job_key(running_job, "attempt"), settings.max_attempts)
+    redis_client.set(job_key(running_job, "resumed_at"), settings.max_attempts - 1)
+    reaper = Reaper(redis_client)
+    reaper.scan(now=0.0)
+    assert lost(reaper, settings.lease_s, running_job)
+    (requeued,) = events(redis_client, wire, running_job)
+    assert requeued.kind == "requeued" and requeued.data["attempt"] == 1
+    assert queued(redis_client, running_job) == 1

@@ -319,3 +319,56 @@ def test_a_job_past_its_soft_time_limit_is_stopped_and_fails_with_timeout(
     assert not job_processes(job_id)
     finished = published(redis_client, stream)[-1]
     assert finished.kind == "finished" and finished.data["error"]["code"] == "timeout"
+
+
+def test_a_paused_job_stops_keeping_its_checkpoint_and_a_resume_finishes_it(
+    redis_client, stream, long_job, monkeypatch
+):
+    """Pause: the processes stop at their next step, `paused` is reported, the work directory
+    stays and nothing finishes; a delivery while paused does nothing; once resumed (the flag
+    gone) the next delivery goes on from the checkpoint, its attempts counted afresh."""
+    monkeypatch.setattr(settings, "cancel_poll_s", 0.0)
+    job_id = uuid.uuid4().hex
+
+    def pause_once_checkpointed(event: Event) -> None:
+        if in_training(event) and has_checkpoint(runner.out / "output"):
+            redis_client.set(job_key(job_id, "pause"), 1, ex=60)
+
+    runner = on_event(JobRunner(job_id, long_job, redis_client), pause_once_checkpointed)
+    assert runner.run() == "paused"
+    assert not job_processes(job_id), "every process of the job stopped"
+    kinds = [e.kind for e in published(redis_client, stream)]
+    assert kinds[-1] == "paused" and "finished" not in kinds
+    assert has_checkpoint(runner.out / "output"), "the work directory is kept for the resume"
+    assert not redis_client.exists(job_key(job_id, "lease")) and not runner.client.get(
+        job_key(job_id, "done")
+    )
+
+    assert JobRunner(job_id, long_job, redis_client).run() == "paused", "a delivery while paused"
+    assert [e.kind for e in published(redis_client, stream)] == kinds
+
+    redis_client.set(job_key(job_id, "resumed_at"), redis_client.get(job_key(job_id, "attempt")))
+    redis_client.delete(job_key(job_id, "pause"))
+    assert JobRunner(job_id, long_job, redis_client).run() == "succeeded"
+    events = published(redis_client, stream)
+    resumed = events[len(kinds) :]
+    assert resumed[0].kind == "started" and resumed[0].data["attempt"] == 2
+    assert any("fine-tuning resumes from" in str(e.data) for e in resumed)
+    steps = [e.data["step"] for e in resumed if in_training(Event(e.kind, e.phase, e.data))]
+    assert steps and min(steps) > 2, "training went on from the checkpoint"
+
+
+def test_a_paused_job_that_is_cancelled_ends_cancelled_and_leaves_nothing(
+    redis_client, stream, tiny_job
+):
+    """Cancelling a paused job sends it once more: its worker finds the cancel flag, reports
+    `cancelled` and removes the work directory that the pause kept."""
+    job_id = uuid.uuid4().hex
+    runner = JobRunner(job_id, tiny_job, redis_client)
+    (runner.out / "output").mkdir(parents=True)
+    redis_client.set(job_key(job_id, "pause"), 1, ex=60)
+    redis_client.set(job_key(job_id, "cancel"), 1, ex=60)
+    assert runner.run() == "cancelled"
+    (finished,) = published(redis_client, stream)
+    assert finished.kind == "finished" and finished.data["status"] == "cancelled"
+    assert not runner.out.exists()
