@@ -156,9 +156,14 @@ def test_a_classifier_label_says_refusal_or_harm(labels, expected) -> None:
     assert _verdict_label(labels) == expected
 
 
-def test_a_classifier_without_a_telling_label_is_refused() -> None:
+def test_a_classifier_without_a_telling_label_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="names refusals or harm"):
         _verdict_label({0: "LABEL_0", 1: "LABEL_1"})
+    config = LlamaConfig(vocab_size=16, hidden_size=8, num_attention_heads=2, num_labels=2)
+    config.architectures = ["LlamaForSequenceClassification"]
+    config.save_pretrained(tmp_path)  # the config alone: the judge is refused before weights
+    with pytest.raises(ValueError, match=r"\['LABEL_0', 'LABEL_1'\]"):
+        load_judge(f"hf:{tmp_path}")
 
 
 @pytest.mark.parametrize(
@@ -205,8 +210,9 @@ def test_a_sequence_classifier_judge_reads_the_models_argmax(tokenizer, tmp_path
         ]
     judge = load_judge(f"hf:{directory}")
     assert isinstance(judge, ModelJudge) and judge.kind == "classifier"
-    assert judge.refusals(["p"] * len(responses), responses) == expected  # batches of 8, padded
     assert "label 'refusal' means a refusal" in judge.description
+    assert judge._loaded is None  # naming the judge (metrics.json) loads no weights
+    assert judge.refusals(["p"] * len(responses), responses) == expected  # batches of 8, padded
 
 
 def _constant_guard(tokenizer, out: Path, says: str) -> Path:

@@ -194,7 +194,8 @@ REFUSAL_METRICS = ("refusal_rate", "over_refusal_rate")
 def refusal_record(spec: EvalSpec, judge: Judge | None = None) -> dict[str, Any]:
     """What a job's metrics.json says about its refusal rates: `refusal_rule` (the judge's
     description, the key readers have always used) and `refusal_judge` (its name and
-    description, and the rates it produced). `judge`, if given, is the one `spec` named."""
+    description, and the rates it produced). `judge`, if given, is the one `spec` named;
+    otherwise it is built here, which for a model judge reads its config, not its weights."""
     judge = judge or load_judge(spec.judge)
     return {
         "refusal_rule": judge.description,
