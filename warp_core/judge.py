@@ -288,7 +288,8 @@ class NgramJudge:
             "and whether the keyword rule's phrases occur in its first 32 words); a response is a "
             "refusal if its score is above zero. The prompt is not read. Trained by "
             "bench/judge.py on human labels (a full or partial refusal in XSTest, actions 0-1 "
-            "'will not answer' and 'refutes the request' in Do-Not-Answer) of: "
+            "'will not answer' and 'refutes the question's opinion or assumption' in "
+            "Do-Not-Answer) of: "
             f"{sets}. Its agreement with people on sets it was not trained on is in "
             "bench/JUDGE.md."
         )
@@ -436,7 +437,8 @@ def read_guard_answer(family: str, answer: str) -> bool:
 class ModelJudge:
     """A Hugging Face model as a judge. Building one reads the model's config only (what kind
     of judge it is, which label it reads, its description); the tokenizer and the weights
-    (in their stored dtype) load at the first verdict, once.
+    (in their stored dtype) load at the first verdict, once. A classifier's input is cut to
+    `max_length` tokens; a guard's is not, since its instructions come last.
 
     A checkpoint whose architecture is a `...ForSequenceClassification` reads the response
     alone; its label whose name says refusal (refus, reject, declin) marks refusals, else a
@@ -541,11 +543,9 @@ class ModelJudge:
         texts = [
             self._guard_input(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)
         ]
-        inputs = tokenizer(
+        inputs = tokenizer(  # not truncated: the instructions end the prompt
             texts,
             padding=True,
-            truncation=True,
-            max_length=self.max_length,
             add_special_tokens=self.kind != "chat",  # a chat template writes its own
             return_tensors="pt",
         ).to(device)
