@@ -8,7 +8,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,7 @@ from warp_core.pipeline import Pipeline, export_steps
 from warp_core.tracking import RESULTS_COLUMNS
 
 STEPS = 6
+NO_EVAL = {"enabled": False}
 SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4}
 VALIDATION = utility_ref(limit=8, offset=100)
 
@@ -140,19 +146,25 @@ def test_intermediate_models_are_listed_announced_and_keep_the_invariant(job, mo
     assert sorted(p.name for p in (out / "models").iterdir()) == ["step-00000002", "step-00000004"]
     # WaRP's invariant, numerically, for each model (WARP.md): (W - W0) U is zero where
     # frozen, and training moved the others.
-    base = load_file(model_dir / "model.safetensors")
-    bases = load_file(out / "warp" / "basis.safetensors")
-    masks = load_file(out / "warp" / "masks.safetensors")
+    for entry in entries:
+        assert_frozen_coefficients_unmoved(out, entry["path"], model_dir)
     targets = read(out / "warp" / "targets.json")
-    exported = [load_file(out / e["path"] / "model.safetensors") for e in entries]
-    for weights in exported:
-        for name, entry in targets.items():
-            change = (weights[name].double() - base[name].double()) @ bases[entry["basis"]].double()
-            assert change[masks[name]].abs().max() <= 1e-6 * change.abs().max(), name
-            assert change[~masks[name]].abs().max() > 0, name
-    first, second, final = exported
+    first, second, final = [load_file(out / e["path"] / "model.safetensors") for e in entries]
     assert any(not torch.equal(first[n], second[n]) for n in targets)
     assert any(not torch.equal(second[n], final[n]) for n in targets)
+
+
+def assert_frozen_coefficients_unmoved(out: Path, model: str, base_dir: Path) -> None:
+    """|(W - W0) U| of an exported model is zero (to float rounding) on every target's frozen
+    coefficients, and not on all of the others."""
+    base = load_file(base_dir / "model.safetensors")
+    weights = load_file(out / model / "model.safetensors")
+    bases = load_file(out / "warp" / "basis.safetensors")
+    masks = load_file(out / "warp" / "masks.safetensors")
+    for name, entry in read(out / "warp" / "targets.json").items():
+        change = (weights[name].double() - base[name].double()) @ bases[entry["basis"]].double()
+        assert change[masks[name]].abs().max() <= 1e-6 * change.abs().max(), (model, name)
+        assert change[~masks[name]].abs().max() > 0, (model, name)
 
 
 # -- the model card --------------------------------------------------------------------------
@@ -280,3 +292,63 @@ def test_a_stopped_then_killed_job_resumes_to_the_outputs_of_an_uninterrupted_on
             assert torch.equal(ours[name], value), (entry["path"], name)
     assert read(out / "training.json") == read(whole / "training.json")
     assert read(out / "eval" / "after.json") == read(whole / "eval" / "after.json")
+
+
+# -- two processes ---------------------------------------------------------------------------
+
+
+def warp_run(spec, out: Path, *options: str, stop_at_step: int | None = None) -> int:
+    """`warp run SPEC --out OUT --nproc-per-node 2 OPTIONS`; SIGTERM once rank 0 has reported
+    the metrics of `stop_at_step`. Returns the exit code."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec_path = out.parent / f"{out.name}-spec.json"
+    spec_path.write_text(spec.model_dump_json())
+    events = out.parent / f"{out.name}-events.jsonl"
+    command = [sys.executable, "-m", "warp_core", "run", str(spec_path), "--out", str(out)]
+    command += ["--nproc-per-node", "2", "--events", str(events), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while stop_at_step is not None and job.poll() is None:
+        if any(step >= stop_at_step for step in metric_steps(events)):
+            job.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode in (0, 130), stderr.decode()[-3000:]
+    return job.returncode
+
+
+def metric_steps(events: Path) -> list[int]:
+    if not events.exists():
+        return []
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    return [r["data"]["step"] for r in records if r.get("kind") == "metrics"]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_outputs_and_lose_no_step_when_stopped(
+    job, model_dir, tmp_path
+):
+    """Validation and export gather across the ranks, rank 0 alone writes; a stop keeps
+    every completed step; the outputs match one process's to float rounding."""
+    spec = job[0].spec.model_copy(update={"eval": job[0].spec.eval.model_copy(update=NO_EVAL)})
+    out = tmp_path / "two"
+    assert warp_run(spec, out, "--run-id", "job-42", stop_at_step=3) == 130
+    saved = read(out / "checkpoints" / "finetune" / "latest.json")["step"]
+    assert saved >= 3 and [int(r["step"]) for r in results(out)] == list(range(1, saved + 1))
+    assert warp_run(spec, out, "--run-id", "job-42") == 0
+    assert read(out / "metrics.json")["run_id"] == "job-42"
+    assert "run `job-42`" in (out / "models" / "step-00000002" / "README.md").read_text()
+    ours, one = results(out), results(job[2])
+    assert [r["step"] for r in ours] == [r["step"] for r in one]
+    for mine, theirs in zip(ours, one, strict=True):
+        assert mine["tokens"] == theirs["tokens"]
+        for column in ("train_loss", "valid_loss"):
+            if theirs[column]:
+                assert float(mine[column]) == pytest.approx(float(theirs[column]), rel=1e-4)
+            else:
+                assert mine[column] == ""
+    entries = read(out / "checkpoints.json")
+    assert [e["path"] for e in entries] == [e["path"] for e in read(job[2] / "checkpoints.json")]
+    for entry in entries:
+        assert_frozen_coefficients_unmoved(out, entry["path"], model_dir)
