@@ -17,6 +17,7 @@ from api.deps import get_redis
 from api.dispatch import dispatch_forever
 from api.errors import install_handlers
 from api.files.endpoints import router as files_router
+from api.fine_tuning.endpoints import router as fine_tuning_router
 from api.health import install_metrics
 from api.health import router as health_router
 from api.ingest import Ingester
@@ -55,6 +56,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(compare_router)
     app.include_router(files_router)
+    app.include_router(fine_tuning_router)
     app.include_router(health_router)
     return app
 
