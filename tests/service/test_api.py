@@ -301,6 +301,36 @@ def test_a_running_job_cancels_within_seconds_and_frees_the_worker(http, tiny_jo
     assert wait_for(http, after["id"], {"failed", "succeeded"}, timeout_s=60)["status"] == "failed"
 
 
+def test_pause_and_resume_on_the_native_api(http, tiny_job):
+    """A queued job is paused at once and a running one at its next step; a paused job frees
+    its worker for the next one, is cancelled at once, and a resumed one runs again."""
+    body = copy.deepcopy(tiny_job)
+    body["hyperparameters"]["max_steps"] = 5000
+    running = http.post("/v1/jobs", json=body).json()
+    queued = http.post("/v1/jobs", json=bad_model(tiny_job, "-paused")).json()
+    deadline = time.monotonic() + 180
+    while http.get(f"/v1/jobs/{running['id']}").json()["phase"] != "finetune":
+        assert time.monotonic() < deadline, "the long job never reached fine-tuning"
+        time.sleep(0.3)
+
+    assert http.post(f"/v1/jobs/{queued['id']}/pause").json()["status"] == "paused"
+    assert http.post(f"/v1/jobs/{running['id']}/pause").json()["status"] in ("pausing", "paused")
+    paused = wait_for(http, running["id"], {"paused", "succeeded", "failed"}, timeout_s=30)
+    assert paused["status"] == "paused"
+    assert http.post(f"/v1/jobs/{running['id']}/pause").json()["status"] == "paused", "idempotent"
+    time.sleep(1.0)
+    assert http.get(f"/v1/jobs/{queued['id']}").json()["status"] == "paused", "not run while paused"
+
+    assert http.post(f"/v1/jobs/{queued['id']}/resume").json()["status"] == "queued"
+    assert wait_for(http, queued["id"], {"failed", "succeeded"}, timeout_s=60)["status"] == "failed"
+    cancelled = http.post(f"/v1/jobs/{running['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    refused = http.post(f"/v1/jobs/{running['id']}/resume")
+    assert refused.status_code == 409 and refused.headers["x-should-retry"] == "false"
+    assert refused.json()["error"]["code"] == "job_finished"
+    assert http.get(f"/v1/jobs/{running['id']}/artifacts").json()["data"] == []
+
+
 def test_a_finished_job_cannot_be_cancelled(http, finished_job):
     response = http.post(f"/v1/jobs/{finished_job['id']}/cancel")
     assert response.status_code == 409 and response.json()["error"]["code"] == "job_finished"

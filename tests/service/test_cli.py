@@ -6,10 +6,12 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.helpers import REPO
+from tests.service.conftest import wait_for
 
 
 def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
@@ -82,3 +84,25 @@ def test_refusals_and_an_unreachable_server_are_clear_errors(service, compared):
     assert missing.returncode == 1 and "not_found" in missing.stderr
     down = warp(service, "status", job_id, url="http://127.0.0.1:9")
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_pause_resume_and_cancel_a_running_job(service, tiny_job, tmp_path):
+    spec = copy.deepcopy(tiny_job)
+    spec["hyperparameters"]["max_steps"] = 5000
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    job_id = json.loads(warp(service, "submit", str(tmp_path / "spec.json"), "--json").stdout)["id"]
+    deadline = time.monotonic() + 180
+    while service.http.get(f"/v1/jobs/{job_id}").json()["phase"] != "finetune":
+        assert time.monotonic() < deadline, "the job never reached fine-tuning"
+        time.sleep(0.3)
+    pausing = warp(service, "pause", job_id)
+    assert pausing.returncode == 0 and job_id in pausing.stdout, pausing.stderr
+    assert wait_for(service.http, job_id, {"paused", "failed"}, timeout_s=30)["status"] == "paused"
+    assert "paused" in warp(service, "status", job_id).stdout
+    resumed = json.loads(warp(service, "resume", job_id, "--json").stdout)
+    assert resumed["status"] in ("queued", "running")
+    assert wait_for(service.http, job_id, {"running", "failed"})["status"] == "running"
+    assert warp(service, "cancel", job_id).returncode == 0
+    assert wait_for(service.http, job_id, {"cancelled", "failed"})["status"] == "cancelled"
+    refused = warp(service, "resume", job_id)
+    assert refused.returncode == 1 and "job_finished" in refused.stderr
