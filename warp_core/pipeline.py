@@ -404,7 +404,8 @@ class Pipeline:
             # Its card is written again, with the evaluation, when the job ends (`run`).
             card = model_card(self.spec_json, self.metrics(training))
             save_model(self.model, self.tokenizer, self.out / FINAL_MODEL, weights, card)
-            self.announce(FINAL_MODEL, self.results.rows[-1])
+            if self.results.rows:  # none only in a directory trained before results.csv was
+                self.announce(FINAL_MODEL, self.results.rows[-1])
 
     def validation_batches(self) -> list[dict[str, torch.Tensor]]:
         """`validation_data` in batches of `batch_size` (none without it)."""
