@@ -221,7 +221,9 @@ def test_the_final_model_card_states_what_ran_and_what_was_measured(job):
     for label, before, after in evaluation:
         assert same(before, metrics["before"][names[label]]), label
         assert same(after, metrics["after"][names[label]]), label
-    assert f"> {metrics['refusal_rule']}" in text
+    judge = metrics["refusal_judge"]
+    assert judge["name"] == "keyword" and judge["description"] == metrics["refusal_rule"]
+    assert f"judged (judge `keyword`):\n\n> {metrics['refusal_rule']}" in text
     data = tables["Data"]
     assert len(data) == len(metrics["data"]) == 6  # safety, utility, validation, 3 eval sets
     records = [metrics["data"][where] for where, _ in DATA_ROLES]

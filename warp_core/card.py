@@ -200,7 +200,7 @@ def _evaluation(spec: dict[str, Any], facts: dict[str, Any], step: int | None) -
             "| --- | --- | --- |",
             *rows,
             "",
-            "How refusals were judged:",
+            f"How refusals were judged (judge `{facts['refusal_judge']['name']}`):",
             "",
             f"> {facts['refusal_rule']}",
         ]

@@ -616,7 +616,7 @@ class Pipeline:
             "method": self.spec.method,
             "before": evaluated("before"),
             "after": evaluated("after"),
-            "refusal_rule": evaluation.REFUSAL_RULE,
+            **evaluation.refusal_record(self.spec.eval),  # refusal_rule, refusal_judge
             "timings": {
                 "basis": timings.get("basis", 0.0),
                 "importance": timings.get("importance", 0.0),
