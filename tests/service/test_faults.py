@@ -90,7 +90,7 @@ def assert_resumed_from_checkpoint(events: list[dict]) -> None:
     attempts = [events[i]["data"]["attempt"] for i in starts]
     assert attempts == sorted(set(attempts)) and attempts[0] == 1, attempts
     resumed = events[starts[1] :]
-    assert any("resumes from its last checkpoint" in str(e["data"]) for e in resumed)
+    assert any("fine-tuning resumes from" in str(e["data"]) for e in resumed)
     steps = [e["data"]["step"] for e in resumed if (e["kind"], e["phase"]) == PROGRESS]
     assert steps and min(steps) > 2, "training went on from the checkpoint, not from step 1"
     assert [e["kind"] for e in events].count("finished") == 1

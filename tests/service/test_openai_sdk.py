@@ -268,3 +268,23 @@ def test_a_paused_job_resumes_to_the_weights_of_an_uninterrupted_one(client, tin
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert any(m.startswith("the job is paused") for m in messages)
     assert model_sha256(resumed) == model_sha256(reference)
+
+
+def test_a_failed_job_keeps_its_labels_and_says_why(client, uploads, tmp_path):
+    """A model that is not there: the worker's preflight fails the job before it loads
+    anything (no tracker is started), and the job and its events say why."""
+    job = client.fine_tuning.jobs.create(
+        model=str(tmp_path / "no-model"),
+        training_file=uploads["train"],
+        seed=7,
+        suffix="labels",
+        metadata={"k": "v"},
+        integrations=[{"type": "wandb", "wandb": {"project": "p", "tags": ["t"]}}],
+    )
+    assert (job.seed, job.suffix, job.metadata) == (7, "labels", {"k": "v"})
+    assert job.integrations[0].type == "wandb" and job.integrations[0].wandb.project == "p"
+    failed = wait_status(client, job.id, DONE)
+    assert failed.status == "failed" and failed.error.code == "invalid_job"
+    assert "no-model" in failed.error.message and failed.fine_tuned_model is None
+    (last,) = client.fine_tuning.jobs.list_events(job.id, limit=1).data
+    assert last.level == "error" and last.message.startswith("the job failed")

@@ -234,7 +234,7 @@ def test_a_killed_job_process_loses_the_attempt_and_the_next_one_resumes(
     second = [i for i, e in enumerate(events) if e.kind == "started"][1]
     assert events[second].data["attempt"] == 2
     resumed = events[second:]
-    assert any("resumes from its last checkpoint" in str(e.data) for e in resumed)
+    assert any("fine-tuning resumes from" in str(e.data) for e in resumed)
     assert [e.kind for e in events].count("finished") == 1
 
 
