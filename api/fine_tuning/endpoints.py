@@ -4,9 +4,10 @@ checkpoints.list). The jobs are the same as `/v1/jobs`' : one stored job, two vi
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Header, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request, Response
 
 from api.auth import CallerDep
 from api.db import session_scope
@@ -56,15 +57,26 @@ def create_job(
     return out
 
 
+METADATA_PARAM = re.compile(r"metadata\[(.{1,64})\]", re.DOTALL)
+"""How the SDK sends `list(metadata={"key": "value"})`: `metadata[key]=value`."""
+
+
 @router.get("", response_model=Page[FineTuningJobOut])
 def list_jobs(
+    request: Request,
     caller: CallerDep,
     limit: Limit = 20,
     after: Annotated[str | None, Query(description="Last job id of the previous page")] = None,
 ) -> Page[FineTuningJobOut]:
-    """The caller's jobs (submitted here or on /v1/jobs), newest first."""
+    """The caller's jobs (submitted here or on /v1/jobs), newest first; `metadata[key]=value`
+    parameters keep the jobs labelled with each pair."""
+    metadata = {
+        match[1]: value
+        for name, value in request.query_params.multi_items()
+        if (match := METADATA_PARAM.fullmatch(name))
+    }
     with session_scope() as session:
-        rows, has_more = jobs.list_jobs(session, None, limit, after, caller)
+        rows, has_more = jobs.list_jobs(session, None, limit, after, caller, metadata)
         data = [service.job_out(session, job) for job in rows]
         return Page[FineTuningJobOut](data=data, has_more=has_more)
 

@@ -218,14 +218,22 @@ def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -
 
 
 def list_jobs(
-    session: Session, status: str | None, limit: int, after: str | None, caller: Caller
+    session: Session,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    caller: Caller,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the id of the last job of the previous page."""
+    """Newest first; `after` is the id of the last job of the previous page. `metadata`:
+    only jobs labelled with every one of these pairs."""
     query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
     if not caller.admin:
         query = query.where(Job.owner_id == caller.key_id)
     if status:
         query = query.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.user_metadata[key].as_string() == value)
     if after:
         cursor = session.get(Job, after)
         if cursor is None or not caller.owns(cursor.owner_id):

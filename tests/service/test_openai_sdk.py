@@ -216,6 +216,8 @@ def test_jobs_page_by_after(client, finished_jobs):
     assert second.data[0].id != first.data[0].id
     listed = {job.id for job in client.fine_tuning.jobs.list(limit=2)}
     assert {job.id for job in finished_jobs.values()} <= listed
+    (warp,) = client.fine_tuning.jobs.list(metadata={"test": "warp"}).data
+    assert warp.id == finished_jobs["warp"].id
 
 
 def test_cancel_a_job_and_a_finished_one_is_a_conflict_not_retried(
