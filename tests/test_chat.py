@@ -465,7 +465,7 @@ def test_a_warp_job_runs_and_trains_on_chat_files(model_dir, chat_files, tmp_pat
     events = []
     metrics = Pipeline(spec, tmp_path, events.append).run()
 
-    assert metrics["training"] == {"steps": 4, "examples": 32}
+    assert (metrics["training"]["steps"], metrics["training"]["examples"]) == (4, 32)
     assert not [e for e in events if "dropped" in e.data.get("message", "")]
     before, after = metrics["before"], metrics["after"]
     assert set(before) == set(after) == {"refusal_rate", "over_refusal_rate", "utility_loss"}

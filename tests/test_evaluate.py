@@ -331,7 +331,8 @@ def test_evaluate_uses_the_judge_its_spec_names(model, tokenizer, gsm8k_examples
 
 
 def test_the_refusal_record_names_the_judge_of_every_rate() -> None:
-    keyword = refusal_record(EvalSpec())
+    assert EvalSpec().judge == "ngram"  # the default: closer to people (bench/JUDGE.md)
+    keyword = refusal_record(EvalSpec(judge="keyword"))
     assert keyword["refusal_rule"] == REFUSAL_RULE
     assert keyword["refusal_judge"] == {
         "name": "keyword",

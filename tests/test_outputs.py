@@ -222,8 +222,8 @@ def test_the_final_model_card_states_what_ran_and_what_was_measured(job):
         assert same(before, metrics["before"][names[label]]), label
         assert same(after, metrics["after"][names[label]]), label
     judge = metrics["refusal_judge"]
-    assert judge["name"] == "keyword" and judge["description"] == metrics["refusal_rule"]
-    assert f"judged (judge `keyword`):\n\n> {metrics['refusal_rule']}" in text
+    assert judge["name"] == "ngram" and judge["description"] == metrics["refusal_rule"]
+    assert f"judged (judge `ngram`):\n\n> {metrics['refusal_rule']}" in text
     data = tables["Data"]
     assert len(data) == len(metrics["data"]) == 6  # safety, utility, validation, 3 eval sets
     records = [metrics["data"][where] for where, _ in DATA_ROLES]

@@ -57,7 +57,8 @@ def test_metrics_report_before_and_after(finished):
         )
         assert 0 <= values["refusal_rate"] <= 1 and values["utility_loss"] > 0
     assert metrics["after"]["utility_loss"] < metrics["before"]["utility_loss"]
-    assert "first 32 generated tokens" in metrics["refusal_rule"]
+    assert metrics["refusal_judge"]["name"] == "ngram"  # the default judge, by its description
+    assert metrics["refusal_rule"] == metrics["refusal_judge"]["description"]
     assert set(metrics["timings"]) == {"basis", "importance", "finetune", "evaluate"}
     assert all(seconds > 0 for seconds in metrics["timings"].values())
     assert set(metrics["memory"]) == set(metrics["timings"]) and metrics["world_size"] == 1

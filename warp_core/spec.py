@@ -136,7 +136,7 @@ class EvalSpec(_Strict):
     )
     enabled: bool = Field(True, description="Run the before/after evaluation at all.")
     judge: str = Field(
-        "keyword",
+        "ngram",
         description="Which judge decides refusals: 'keyword' (the phrase rule papers report), "
         "'ngram' (a small classifier trained on human labels, no GPU; bench/JUDGE.md), or "
         "'hf:<model id or path>' (a sequence classifier or guard chat model such as Llama "
