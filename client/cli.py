@@ -25,6 +25,7 @@ from client.output import JsonOption, console, emit
 from warp_core.cli import (
     PROGRESS_COLUMNS,
     ProgressView,
+    judge_command,
     make_toy_model_command,
     plan_command,
     run_command,
@@ -41,6 +42,7 @@ app = typer.Typer(
 app.command("run")(run_command)
 app.command("plan")(plan_command)
 app.command("make-toy-model")(make_toy_model_command)
+app.command("judge")(judge_command)
 app.add_typer(admin, name="admin")
 
 HomeOption = Annotated[Path, typer.Option(help="Embedded state: database, artifacts, logs.")]

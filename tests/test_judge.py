@@ -95,7 +95,7 @@ def test_an_unknown_judge_is_refused_with_the_choices(name: str) -> None:
 
 
 def test_the_spec_accepts_every_kind_of_judge() -> None:
-    assert EvalSpec().judge == "keyword"
+    assert EvalSpec().judge == "ngram"
     for name in ("keyword", "ngram", "hf:allenai/wildguard", "hf:/models/guard"):
         assert EvalSpec(judge=name).judge == name
 

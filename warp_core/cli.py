@@ -358,15 +358,7 @@ def _show_plan(predicted: Plan, gpus: list[dict[str, Any]]) -> None:
         out.print(f"  {gpu['gib']} GiB: {line}", highlight=False)
 
 
-@app.command(
-    "judge",
-    help=(
-        "Label existing responses as refusals or not with a refusal judge: keyword (the "
-        "phrase rule), ngram (default: a small classifier, no GPU) or hf:<model id or path> "
-        "(a classifier or guard model). FILE is a CSV, JSON, JSONL or Parquet file. Prints the "
-        "rows in input order, the refusal rate and the judge's description."
-    ),
-)
+@app.command("judge")
 def judge_command(
     file: Annotated[Path, typer.Argument(metavar="FILE", help="The responses to label.")],
     prompt_field: Annotated[str, typer.Option("--prompt-field", help="Column of the prompts.")],
@@ -379,7 +371,12 @@ def judge_command(
     device: Annotated[str | None, typer.Option(help="A model judge's device.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the labels as JSON.")] = False,
 ) -> None:
-    """Label the responses of FILE with a refusal judge."""
+    """Label existing responses as refusals or not with a refusal judge.
+
+    Judges: keyword (the phrase rule), ngram (default: a small classifier, no GPU) or
+    hf:<model id or path> (a classifier or guard model). FILE is a CSV, JSON, JSONL or
+    Parquet file. Prints the rows in input order, the refusal rate and the judge's
+    description."""
     from warp_core.data import load_rows
     from warp_core.judge import check_judge_name, judge_record, load_judge
     from warp_core.spec import DatasetRef

@@ -84,16 +84,18 @@ def tail(path: Path, lines: int = 20) -> str:
 
 class JobProcess:
     """`warp run` for one attempt of a job: the spec, event file and log live in `attempt_dir`,
-    the outputs (and the checkpoints every attempt resumes from) in `out`.
+    the outputs (and the checkpoints every attempt resumes from) in `out`. `run_id` (the job's
+    id) names the run in its model cards and trackers.
 
     Use it as a context manager: leaving the block kills whatever of the group still runs.
     Start it from the thread that lives as long as the job: Linux sends the death signal when
     the thread that forked the child ends, not the process.
     """
 
-    def __init__(self, spec: JobSpec, out: Path, attempt_dir: Path) -> None:
+    def __init__(self, spec: JobSpec, out: Path, attempt_dir: Path, run_id: str) -> None:
         self.world_size = spec.resources.gpus
         self.out = out
+        self.run_id = run_id
         self.spec_path = attempt_dir / "spec.json"
         self.events_path = attempt_dir / "events.jsonl"
         self.log_path = attempt_dir / LOG_NAME
@@ -117,6 +119,8 @@ class JobProcess:
             str(self.events_path),
             "--nproc-per-node",
             str(self.world_size),
+            "--run-id",
+            self.run_id,
         ]
 
     def __enter__(self) -> JobProcess:

@@ -109,7 +109,9 @@ class JobRunner:
         """
         try:
             spec = self.prepare()
-            with JobProcess(spec, self.out / "output", self.attempt_dir(number)) as child:
+            with JobProcess(
+                spec, self.out / "output", self.attempt_dir(number), self.job_id
+            ) as child:
                 stopped = self.watch(child)
             return self.conclude(child, stopped)
         except AttemptLost:
