@@ -11,13 +11,16 @@ from api.db import session_scope, utcnow
 from api.ingest import Ingester, apply_events
 from api.models import Artifact, Job, JobEvent
 from service.protocol import EventPublisher, JobEventMessage
+from warp_core.testing import example_job
 
 
 @pytest.fixture()
 def job_id(database) -> str:
     job_id = uuid.uuid4().hex
     with session_scope() as session:
-        session.add(Job(id=job_id, status="queued", spec={}, created_at=utcnow()))
+        # A spec as the API stores it: every view of the job (the OpenAI one too) reads it.
+        spec = example_job("/models/absent").model_dump(mode="json")
+        session.add(Job(id=job_id, status="queued", spec=spec, created_at=utcnow()))
     return job_id
 
 
