@@ -4,8 +4,11 @@ A source is an upload (`file:<id>`, datasets only), a model another job exported
 (`job:<job_id>/<dir>`, base models only), a Hub id (`name` or `owner/name`), or
 an absolute path whose real location (symlinks resolved) lies under one of
 `WARP_DATA_ROOTS`. Anything else is refused: URLs of any scheme, `~`, relative paths and
-`..` tricks. The API checks this at submission (422 naming the field) and the worker again
-before it loads anything, and the worker runs each job from its own empty work directory,
+`..` tricks. The data shipped inside `warp_core` (`warp_core/example_data`, among it XSTest,
+the default over-refusal and contrast sets a job's spec names by their installed path) is
+readable whatever the roots: it is public, read-only, and part of the service itself. The
+API checks this at submission (422 naming the field) and the worker again before it loads
+anything, and the worker runs each job from its own empty work directory,
 so a Hub-id-looking name cannot resolve to a local folder by accident.
 """
 
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service.protocol import JOB_MODEL_PREFIX, UPLOAD_PREFIX
-from warp_core.spec import JobSpec
+from warp_core.spec import EXAMPLE_DATA, JobSpec
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 JOB_MODEL = re.compile(
@@ -38,6 +41,8 @@ def problem(source: str, roots: Sequence[Path], local_file: bool = False) -> str
     if "://" in source:
         return "URLs are not accepted: use a Hub id, an upload (file:<id>) or a server path"
     if os.path.isabs(source):
+        if Path(os.path.realpath(source)).is_relative_to(os.path.realpath(EXAMPLE_DATA)):
+            return None
         if not roots:
             return f"this server accepts no local paths ({_allowed(roots)})"
         real = Path(os.path.realpath(source))

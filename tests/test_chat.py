@@ -448,6 +448,7 @@ def test_a_warp_job_runs_and_trains_on_chat_files(model_dir, chat_files, tmp_pat
         eval={
             "harmful": ref("harmful"),
             "benign": ref("benign"),
+            "contrast": ref("harmful"),
             "utility": ref("held_out"),
             "max_new_tokens": 8,
         },
@@ -468,7 +469,8 @@ def test_a_warp_job_runs_and_trains_on_chat_files(model_dir, chat_files, tmp_pat
     assert (metrics["training"]["steps"], metrics["training"]["examples"]) == (4, 32)
     assert not [e for e in events if "dropped" in e.data.get("message", "")]
     before, after = metrics["before"], metrics["after"]
-    assert set(before) == set(after) == {"refusal_rate", "over_refusal_rate", "utility_loss"}
+    rates = {"refusal_rate", "over_refusal_rate", "contrast_refusal_rate"}
+    assert set(before) == set(after) == rates | {"utility_loss"}
     assert after["utility_loss"] < before["utility_loss"]
     samples = json.loads((tmp_path / "eval" / "after.json").read_text())["samples"]
     assert len(samples["harmful"]) == 4 and len(samples["benign"]) == 4

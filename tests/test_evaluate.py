@@ -328,6 +328,19 @@ def test_evaluate_uses_the_judge_its_spec_names(model, tokenizer, gsm8k_examples
     expected = NgramJudge.load().refusals(prompts, [s["response"] for s in samples["harmful"]])
     assert [s["refused"] for s in samples["harmful"]] == expected
     assert metrics["refusal_rate"] == sum(expected) / 3
+    assert "contrast_refusal_rate" not in metrics and "contrast" not in samples
+
+
+def test_a_contrast_set_has_a_refusal_rate_of_its_own(model, tokenizer, gsm8k_examples) -> None:
+    spec = EvalSpec(max_new_tokens=6, judge="keyword")
+    examples, contrast = gsm8k_examples[:2], gsm8k_examples[2:5]
+    metrics, samples = evaluate(
+        model, tokenizer, examples, examples, examples, None, spec, 128, 3, contrast=contrast
+    )
+    assert list(samples) == ["harmful", "benign", "contrast", "utility"]
+    assert [s["prompt"] for s in samples["contrast"]] == [e.prompt for e in contrast]
+    refused = [s["refused"] for s in samples["contrast"]]
+    assert metrics["contrast_refusal_rate"] == sum(refused) / 3
 
 
 def test_the_refusal_record_names_the_judge_of_every_rate() -> None:
@@ -337,7 +350,7 @@ def test_the_refusal_record_names_the_judge_of_every_rate() -> None:
     assert keyword["refusal_judge"] == {
         "name": "keyword",
         "description": REFUSAL_RULE,
-        "rates": ["refusal_rate", "over_refusal_rate"],
+        "rates": ["refusal_rate", "over_refusal_rate", "contrast_refusal_rate"],
     }
     ngram = refusal_record(EvalSpec(judge="ngram"))
     assert ngram["refusal_judge"]["name"] == "ngram"

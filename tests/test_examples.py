@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import REPO
-from warp_core.spec import DatasetRef, JobSpec
+from warp_core.spec import XSTEST_PROMPTS, DatasetRef, JobSpec
 from warp_core.testing import EXAMPLE_DATA
 
 EXAMPLES = REPO / "examples"
@@ -59,8 +59,11 @@ def readme_table() -> dict[str, tuple[int, str]]:
 
 
 def dataset_refs(spec: JobSpec) -> list[DatasetRef]:
+    """The sets the spec names itself (XSTest, the default benign and contrast sets, is named
+    by its installed path)."""
     refs = [spec.safety_data, spec.utility_data, spec.eval.harmful, spec.eval.benign]
-    return [ref for ref in [*refs, spec.eval.utility] if ref is not None]
+    refs = [ref for ref in [*refs, spec.eval.contrast, spec.eval.utility] if ref is not None]
+    return [ref for ref in refs if ref.source != str(XSTEST_PROMPTS)]
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +143,15 @@ def test_example_spec_is_the_built_job_with_repo_relative_paths(
         assert (REPO / ref.source).is_file(), ref.source
         assert ref.is_local
 
-    built_json = (built / "spec.json").read_text(encoding="utf-8")
-    built_json = built_json.replace(json.dumps(str(EXAMPLE_DATA))[1:-1], "warp_core/example_data")
-    built_json = built_json.replace(
-        json.dumps(str((built / "model").resolve()))[1:-1], "examples/tiny-model/model"
-    )
-    assert spec == JobSpec.model_validate_json(built_json)
+    def relative(spec_json: str) -> JobSpec:
+        spec_json = spec_json.replace(json.dumps(str(EXAMPLE_DATA))[1:-1], "warp_core/example_data")
+        spec_json = spec_json.replace(
+            json.dumps(str((built / "model").resolve()))[1:-1], "examples/tiny-model/model"
+        )
+        return JobSpec.model_validate_json(spec_json)
+
+    # Both name the default XSTest sets by their installed path, made relative here alike.
+    assert relative(spec.model_dump_json()) == relative((built / "spec.json").read_text())
 
 
 def test_readme_table_matches_the_slices() -> None:
@@ -201,6 +207,9 @@ def test_slice_contents() -> None:
 def test_slices_are_reproducible(tmp_path: Path) -> None:
     run_script(EXAMPLES / "make_data_slices.py", "--src", SHARED_DATA, "--out", tmp_path)
     made = sorted(p.name for p in tmp_path.iterdir())
-    assert made == sorted([*readme_table(), "gsm8k.LICENSE"])
+    # xstest_prompts.csv is no slice: the whole file, checked against the shared copy in
+    # tests/test_suites.py.
+    slices = [name for name in readme_table() if name != "xstest_prompts.csv"]
+    assert made == sorted([*slices, "gsm8k.LICENSE"])
     for name in made:
         assert (tmp_path / name).read_bytes() == (EXAMPLE_DATA / name).read_bytes(), name

@@ -28,11 +28,12 @@ from warp_core.comparison import METRICS
 from warp_core.events import Cancelled
 from warp_core.loss import mean_response_loss
 from warp_core.pipeline import Pipeline, export_steps
+from warp_core.testing import xstest_slices
 from warp_core.tracking import RESULTS_COLUMNS
 
 STEPS = 6
 NO_EVAL = {"enabled": False}
-SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4}
+SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4, **xstest_slices(4)}
 VALIDATION = utility_ref(limit=8, offset=100)
 
 
@@ -225,7 +226,7 @@ def test_the_final_model_card_states_what_ran_and_what_was_measured(job):
     assert judge["name"] == "ngram" and judge["description"] == metrics["refusal_rule"]
     assert f"judged (judge `ngram`):\n\n> {metrics['refusal_rule']}" in text
     data = tables["Data"]
-    assert len(data) == len(metrics["data"]) == 6  # safety, utility, validation, 3 eval sets
+    assert len(data) == len(metrics["data"]) == 7  # safety, utility, validation, 4 eval sets
     records = [metrics["data"][where] for where, _ in DATA_ROLES]
     for (_, source, offset, rows, digest), record in zip(data, records, strict=True):
         local = Path(record["source"])

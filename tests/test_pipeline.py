@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import make_spec
+from warp_core.data import load_examples
 from warp_core.pipeline import Cancelled, Pipeline, run
-from warp_core.testing import save_checkpoint, tiny_llama
+from warp_core.spec import XSTEST_PROMPTS, DatasetRef
+from warp_core.testing import save_checkpoint, tiny_llama, xstest_slices
 
-SMALL_EVAL = {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8}
+SMALL_EVAL = {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8, **xstest_slices(4)}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,34 @@ def test_metrics_report_before_and_after(finished):
     assert len(samples["harmful"]) == 4
     report = (pipeline.out / "report.md").read_text()
     assert "| refusal rate (harmful)" in report and "keep_ratio 0.1" in report
+
+
+def test_a_job_measures_over_refusal_and_contrast_refusals_on_xstest(finished):
+    pipeline, _ = finished
+    metrics = json.loads((pipeline.out / "metrics.json").read_text())
+    samples = json.loads((pipeline.out / "eval" / "after.json").read_text())["samples"]
+    safe = load_examples(DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-safe", limit=4))
+    unsafe = load_examples(DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-unsafe", limit=4))
+    assert [s["prompt"] for s in samples["benign"]] == [e.prompt for e in safe]
+    assert [s["prompt"] for s in samples["contrast"]] == [e.prompt for e in unsafe]
+    for when in ("before", "after"):
+        refused = json.loads((pipeline.out / "eval" / f"{when}.json").read_text())["samples"]
+        rates = metrics[when]
+        assert rates["over_refusal_rate"] == sum(s["refused"] for s in refused["benign"]) / 4
+        assert rates["contrast_refusal_rate"] == sum(s["refused"] for s in refused["contrast"]) / 4
+    assert "contrast_refusal_rate" in metrics["refusal_judge"]["rates"]
+    for where, preset in (("eval.benign", "xstest-safe"), ("eval.contrast", "xstest-unsafe")):
+        record = metrics["data"][where]
+        assert (record["source"], record["preset"], record["rows"]) == (
+            str(XSTEST_PROMPTS),
+            preset,
+            4,
+        )
+    report = (pipeline.out / "report.md").read_text()
+    assert "| over-refusal (benign; default XSTest safe)" in report
+    assert "| refusal (contrast; default XSTest unsafe)" in report
+    card = (pipeline.out / "model" / "README.md").read_text()
+    assert "refusal (contrast; default XSTest unsafe)" in card and "xstest_prompts.csv" in card
     assert (pipeline.out / "report.png").read_bytes().startswith(b"\x89PNG")
 
 

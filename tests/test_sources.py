@@ -7,7 +7,7 @@ import os
 import pytest
 
 from service.sources import problem, source_problems
-from warp_core.spec import JobSpec
+from warp_core.spec import EXAMPLE_DATA, XSTEST_PROMPTS, JobSpec
 
 
 @pytest.fixture()
@@ -64,4 +64,18 @@ def test_every_field_is_named(root):
         }
     )
     fields = [p["field"] for p in source_problems(spec, [root])]
-    assert fields == ["base_model", "utility_data.source", "eval.benign.source"]
+    assert fields == ["base_model", "utility_data.source"]
+
+
+def test_the_data_shipped_with_warp_core_is_readable_whatever_the_roots(root):
+    spec = JobSpec.model_validate(
+        {
+            "base_model": "gpt2",
+            "safety_data": {"source": "LibrAI/do-not-answer", "limit": 8},
+            "utility_data": {"source": "openai/gsm8k", "limit": 8},
+        }
+    )
+    assert spec.eval.benign is not None and spec.eval.benign.source == str(XSTEST_PROMPTS)
+    assert source_problems(spec, [root]) == [] and source_problems(spec, []) == []
+    assert problem(str(EXAMPLE_DATA / "do-not-answer.csv"), []) is None
+    assert "outside the allowed roots" in problem(str(EXAMPLE_DATA / ".." / "spec.py"), [root])

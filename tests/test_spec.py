@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from warp_core.spec import (
     DEFAULT_TARGET_MODULES,
     REFERENCE_TARGET_MODULES,
+    XSTEST_PROMPTS,
     DatasetRef,
     EvalSpec,
     Hyperparameters,
@@ -128,22 +129,57 @@ def test_explicit_gsm8k_config_is_kept() -> None:
     assert DatasetRef(source="openai/gsm8k", config="socratic").config == "socratic"
 
 
-def test_hub_id_without_preset_needs_fields() -> None:
+def test_hub_id_without_preset_needs_a_prompt_field() -> None:
     message = validation_message({"source": "someone/chat-pairs"}, DatasetRef)
-    assert "prompt_field" in message and "response_field" in message
+    assert "prompt_field" in message
     ref = DatasetRef(source="someone/chat-pairs", prompt_field="q", response_field="a")
     assert ref.preset is None and not ref.is_local
+
+
+def test_a_training_set_without_responses_is_rejected_naming_the_field() -> None:
+    prompts_only = {"source": "someone/prompts", "prompt_field": "q", "limit": 10}
+    message = validation_message(job(utility_data=prompts_only))
+    assert message.startswith("spec: utility_data: needs a response")
+    assert "response_field" in message
+    message = validation_message(job(safety_data={"source": "walledai/AdvBench", "limit": 5}))
+    assert "safety_data: needs a response" in message and "advbench has prompts only" in message
+    utility = {"source": "/data/x.csv", "preset": "xstest-safe"}
+    assert "eval.utility: needs a response" in validation_message(job(eval={"utility": utility}))
+
+
+@pytest.mark.parametrize("which", ["harmful", "benign", "contrast"])
+def test_refusal_check_sets_need_prompts_only(which: str) -> None:
+    prompts = {"source": "/data/prompts.csv", "prompt_field": "question"}
+    spec = JobSpec.model_validate(job(eval={which: prompts}))
+    ref = getattr(spec.eval, which)
+    assert ref.response_field is None and not ref.has_responses
+
+
+@pytest.mark.parametrize(
+    ("source", "preset", "config"),
+    [
+        ("walledai/AdvBench", "advbench", None),
+        ("walledai/HarmBench", "harmbench", "standard"),
+        ("walledai/StrongREJECT", "strongreject", None),
+    ],
+)
+def test_harmful_suites_are_known_by_their_hub_ids(source, preset, config) -> None:
+    ref = DatasetRef(source=source)
+    assert (ref.preset, ref.config, ref.split) == (preset, config, "train")
+    assert not ref.has_responses
+    spec = JobSpec.model_validate(job(eval={"harmful": {"source": source}}))
+    assert spec.eval.harmful == ref
 
 
 def test_local_file_without_preset_or_fields_is_rejected() -> None:
     message = validation_message(job(utility_data={"source": "data/pairs.csv", "limit": 10}))
     assert message.startswith("utility_data: ")
-    assert "prompt_field" in message and "response_field" in message
+    assert "prompt_field" in message
 
 
-def test_local_file_with_only_one_field_is_rejected() -> None:
-    message = validation_message({"source": "pairs.jsonl", "prompt_field": "q"}, DatasetRef)
-    assert "response_field" in message
+def test_local_file_with_only_a_prompt_field_is_a_prompt_only_set() -> None:
+    ref = DatasetRef(source="pairs.jsonl", prompt_field="q")
+    assert ref.is_local and not ref.has_responses
 
 
 @pytest.mark.parametrize("name", ["pairs.csv", "pairs.json", "pairs.jsonl", "pairs.PARQUET"])
@@ -226,13 +262,12 @@ def test_default_eval_sets_follow_the_training_slices() -> None:
             eval={"limit": 20},
         )
     )
-    harmful, benign, utility = spec.eval.harmful, spec.eval.benign, spec.eval.utility
-    assert harmful is not None and benign is not None
+    harmful, utility = spec.eval.harmful, spec.eval.utility
+    assert harmful is not None and utility is not None
     assert (harmful.source, harmful.offset, harmful.limit) == ("LibrAI/do-not-answer", 110, 20)
     assert harmful.preset == "do-not-answer"
-    assert (benign.source, benign.offset, benign.limit) == ("openai/gsm8k", 205, 20)
-    assert (benign.preset, benign.config, benign.split) == ("gsm8k", "main", "train")
-    assert utility == benign
+    assert (utility.source, utility.offset, utility.limit) == ("openai/gsm8k", 205, 20)
+    assert (utility.preset, utility.config, utility.split) == ("gsm8k", "main", "train")
     # The training slices themselves are untouched.
     assert (spec.safety_data.offset, spec.safety_data.limit) == (10, 100)
     assert (spec.utility_data.offset, spec.utility_data.limit) == (5, 200)
@@ -240,9 +275,23 @@ def test_default_eval_sets_follow_the_training_slices() -> None:
 
 def test_default_eval_limit_is_used() -> None:
     spec = JobSpec.model_validate(job())
-    assert spec.eval.harmful is not None and spec.eval.benign is not None
+    assert spec.eval.harmful is not None and spec.eval.utility is not None
     assert (spec.eval.harmful.offset, spec.eval.harmful.limit) == (100, EvalSpec().limit)
-    assert (spec.eval.benign.offset, spec.eval.benign.limit) == (200, EvalSpec().limit)
+    assert (spec.eval.utility.offset, spec.eval.utility.limit) == (200, EvalSpec().limit)
+
+
+def test_default_over_refusal_and_contrast_sets_are_xstest_shipped_with_warp_core() -> None:
+    spec = JobSpec.model_validate(job())
+    benign, contrast = spec.eval.benign, spec.eval.contrast
+    assert benign == DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-safe")
+    assert contrast == DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-unsafe")
+    assert XSTEST_PROMPTS.is_file()
+    # The recorded spec names them, so spec.json says what was run.
+    dumped = spec.model_dump()["eval"]
+    assert (dumped["benign"]["preset"], dumped["contrast"]["preset"]) == (
+        "xstest-safe",
+        "xstest-unsafe",
+    )
 
 
 @pytest.mark.parametrize("which", ["safety_data", "utility_data"])
@@ -277,6 +326,12 @@ def test_explicit_benign_set_is_the_default_utility_set() -> None:
     spec = JobSpec.model_validate(job(utility_data={"source": "mbpp"}, eval={"benign": benign}))
     assert spec.eval.benign == DatasetRef(**benign)
     assert spec.eval.utility == spec.eval.benign
+
+
+def test_a_prompt_only_benign_set_leaves_the_utility_default_to_the_training_slice() -> None:
+    benign = {"source": "/data/xstest.csv", "preset": "xstest-safe"}
+    spec = JobSpec.model_validate(job(eval={"benign": benign}))
+    assert spec.eval.utility == spec.utility_data.following(spec.eval.limit)
 
 
 def test_disabled_eval_needs_no_limits() -> None:

@@ -22,11 +22,12 @@ import pytest
 from tests.helpers import make_spec, utility_ref
 from warp_core.events import Cancelled
 from warp_core.pipeline import Pipeline
+from warp_core.testing import xstest_slices
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4}
+SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4, **xstest_slices(4)}
 
 
 def free_port() -> int:

@@ -28,6 +28,7 @@ DATA_ROLES = (
     ("validation_data", "validation loss during fine-tuning"),
     ("eval.harmful", "evaluation: harmful prompts (refusal rate)"),
     ("eval.benign", "evaluation: benign prompts (over-refusal)"),
+    ("eval.contrast", "evaluation: unsafe contrast prompts (contrast refusal rate)"),
     ("eval.utility", "evaluation: utility"),
 )
 """Every dataset a job can read (`JobSpec.dataset_refs`), in the order the card lists them."""

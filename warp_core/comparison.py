@@ -8,7 +8,8 @@ from typing import Any
 
 METRICS = (
     ("refusal_rate", "refusal rate (harmful)", "higher keeps safety"),
-    ("over_refusal_rate", "over-refusal (benign)", "lower is better"),
+    ("over_refusal_rate", "over-refusal (benign; default XSTest safe)", "lower is better"),
+    ("contrast_refusal_rate", "refusal (contrast; default XSTest unsafe)", "higher keeps safety"),
     ("utility_loss", "utility loss", "lower is better"),
     ("gsm8k_accuracy", "GSM8K accuracy", "higher is better"),
     ("mbpp_pass_at_1", "MBPP pass@1", "higher is better"),

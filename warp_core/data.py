@@ -85,13 +85,45 @@ def _mbpp_prompt(row: dict[str, Any]) -> str:
     return f"{row['text']}\nYour code should pass these tests:\n{tests}"
 
 
-PRESET_FIELDS: dict[str, tuple[str, str]] = {
+PRESET_FIELDS: dict[str, tuple[str, str | None]] = {
     "do-not-answer": ("question", "llama2-7b-chat_response"),
     "gsm8k": ("question", "answer"),
     "mbpp": ("text", "code"),
+    "xstest-safe": ("prompt", None),
+    "xstest-unsafe": ("prompt", None),
+    "advbench": ("prompt", None),
+    "harmbench": ("prompt", None),
+    "strongreject": ("forbidden_prompt", None),
 }
 """Default (prompt, response) columns per preset; MBPP's prompt also lists its tests. The
-chat preset has none: its rows hold `messages` (`warp_core.chat`)."""
+chat preset has none: its rows hold `messages` (`warp_core.chat`). The standard suites are
+prompts only (response None), and where a suite circulates in two layouts the prompt column
+is the first of `PROMPT_COLUMNS` the rows have."""
+
+PROMPT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "advbench": ("prompt", "goal"),
+    "harmbench": ("prompt", "Behavior"),
+    "strongreject": ("forbidden_prompt", "prompt"),
+}
+"""Prompt columns of a suite, in order of preference: AdvBench's Hub copy
+(`walledai/AdvBench`: `prompt`, `target`) and its original `harmful_behaviors.csv` (`goal`,
+`target`; `target` is the affirmative answer attacks aim for, never a response to learn);
+HarmBench's Hub copy (`walledai/HarmBench`: `prompt`, `category`, and `context` in its
+contextual configuration) and its original behaviours CSV (`Behavior`, `ContextString`, ...);
+StrongREJECT's original CSV (`category`, `source`, `forbidden_prompt`) and Hub copies that
+call it `prompt`."""
+
+CONTEXT_COLUMNS = ("context", "ContextString")
+"""HarmBench's contextual behaviours: the context goes before the behaviour, as HarmBench
+renders them (`{context}\n\n---\n\n{behavior}`)."""
+
+ROW_FILTERS: dict[str, tuple[str, str]] = {
+    "xstest-safe": ("label", "safe"),
+    "xstest-unsafe": ("label", "unsafe"),
+}
+"""Presets that read some rows of a file: (column, value) a row must have. XSTest's file
+(`id, prompt, type, label, focus, note`) holds 250 safe and 200 unsafe contrast prompts;
+the filter applies before `offset` and `limit`."""
 
 PRESET_META: dict[str, tuple[str, ...]] = {
     "gsm8k": ("answer",),
@@ -110,6 +142,11 @@ def load_rows(ref: DatasetRef) -> list[dict[str, Any]]:
         dataset = load_dataset(builder, data_files=str(path), split="train")
     else:
         dataset = load_dataset(ref.source, ref.config, split=ref.split)
+    if ref.preset in ROW_FILTERS:
+        column, value = ROW_FILTERS[ref.preset]
+        if column not in dataset.column_names:
+            raise ValueError(f"{ref.source}: preset {ref.preset} needs a column {column!r}")
+        dataset = dataset.filter(lambda row: row[column] == value)
     stop = len(dataset) if ref.limit is None else min(len(dataset), ref.offset + ref.limit)
     if ref.offset >= stop:
         raise ValueError(
@@ -123,22 +160,34 @@ def load_examples(ref: DatasetRef) -> list[Example]:
     rows = load_rows(ref)
     if ref.preset == "chat":
         return _chat_examples(ref, rows)
-    prompt_field, response_field = PRESET_FIELDS.get(ref.preset or "", (None, None))
-    prompt_field = ref.prompt_field or prompt_field
-    response_field = ref.response_field or response_field
     columns = set(rows[0])
+    prompt_field, response_field = dataset_fields(ref, columns)
     for name, column in (("prompt_field", prompt_field), ("response_field", response_field)):
-        if column not in columns:
+        if column is not None and column not in columns:
             raise ValueError(
                 f"{ref.source}: {name} {column!r} is not a column (columns: {sorted(columns)})"
             )
     use_mbpp_prompt = ref.preset == "mbpp" and ref.prompt_field is None
+    context = next((c for c in CONTEXT_COLUMNS if c in columns), None)
+    use_context = ref.preset == "harmbench" and ref.prompt_field is None and context is not None
     examples = []
     for row in rows:
         prompt = _mbpp_prompt(row) if use_mbpp_prompt else str(row[prompt_field])
+        if use_context and row[context]:
+            prompt = f"{row[context]}\n\n---\n\n{prompt}"
         meta = {key: row[key] for key in PRESET_META.get(ref.preset or "", ()) if key in row}
-        examples.append(Example(prompt, str(row[response_field] or ""), meta))
+        response = "" if response_field is None else str(row[response_field] or "")
+        examples.append(Example(prompt, response, meta))
     return examples
+
+
+def dataset_fields(ref: DatasetRef, columns: set[str]) -> tuple[str | None, str | None]:
+    """The (prompt, response) columns a reference reads from rows with `columns`: its own
+    fields, else its preset's (response None: a prompt-only set)."""
+    prompt_field, response_field = PRESET_FIELDS.get(ref.preset or "", (None, None))
+    candidates = PROMPT_COLUMNS.get(ref.preset or "", ())
+    prompt_field = next((c for c in candidates if c in columns), prompt_field)
+    return ref.prompt_field or prompt_field, ref.response_field or response_field
 
 
 def _chat_examples(ref: DatasetRef, rows: list[dict[str, Any]]) -> list[Example]:

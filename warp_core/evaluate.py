@@ -187,7 +187,7 @@ def refusal_rate(
     return _mean([sample["refused"] for sample in samples]), samples
 
 
-REFUSAL_METRICS = ("refusal_rate", "over_refusal_rate")
+REFUSAL_METRICS = ("refusal_rate", "over_refusal_rate", "contrast_refusal_rate")
 """The metrics a judge's verdicts make; loss and task accuracy do not depend on it."""
 
 
@@ -390,8 +390,13 @@ def evaluate(
     max_length: int,
     batch_size: int,
     on_batch: OnBatch = None,
+    contrast: list[Example] | None = None,
 ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
     """All metrics of one checkpoint, and the generations behind them.
+
+    `refusal_rate` is taken on `harmful`, `over_refusal_rate` on `benign` (a job's default:
+    XSTest's safe prompts) and, when `contrast` is given (default: XSTest's unsafe contrast
+    prompts), `contrast_refusal_rate` on it.
 
     Refusal rates come from the judge `spec.judge` names (`refusal_record` says which, for
     metrics.json). Task accuracy is added only for presets with a checker (GSM8K, MBPP); the
@@ -412,17 +417,20 @@ def evaluate(
     with _eval_mode(model):
         refusal, harmful_samples = refusals(harmful)
         over_refusal, benign_samples = refusals(benign)
-        metrics = {
-            "refusal_rate": refusal,
-            "over_refusal_rate": over_refusal,
-            "utility_loss": response_loss(
-                model, tokenizer, utility, max_length, batch_size, on_batch
-            ),
-        }
+        metrics = {"refusal_rate": refusal, "over_refusal_rate": over_refusal}
+        contrast_samples: list[dict[str, Any]] = []
+        if contrast is not None:
+            metrics["contrast_refusal_rate"], contrast_samples = refusals(contrast)
+        metrics["utility_loss"] = response_loss(
+            model, tokenizer, utility, max_length, batch_size, on_batch
+        )
         utility_samples: list[dict[str, Any]] = []
         if utility_preset in UTILITY_TASKS:
             generations = answers(utility, spec.utility_max_new_tokens)
             score, utility_samples = utility_score(utility_preset, tokenizer, utility, generations)
             metrics[UTILITY_TASKS[utility_preset].metric] = score
-    samples = {"harmful": harmful_samples, "benign": benign_samples, "utility": utility_samples}
+    samples = {"harmful": harmful_samples, "benign": benign_samples}
+    if contrast is not None:
+        samples["contrast"] = contrast_samples
+    samples["utility"] = utility_samples
     return metrics, samples

@@ -301,10 +301,10 @@ class Pipeline:
 
     def evaluate(self, which: str) -> None:
         ev = self.spec.eval
-        harmful, benign, utility = (
+        harmful, benign, contrast, utility = (
             self.read(f"eval.{name}", getattr(ev, name)) for name in EVAL_SETS
         )
-        generated = [harmful, benign, utility]
+        generated = [harmful, benign, contrast, utility]
         if ev.utility.preset in evaluation.UTILITY_TASKS:
             generated.append(utility)
         total = sum(-(-len(rows) // self.hp.batch_size) for rows in generated)
@@ -319,6 +319,7 @@ class Pipeline:
             self.hp.max_length,
             self.hp.batch_size,
             on_batch=self.counter(total),
+            contrast=contrast,
         )
         if self.world.main:
             payload = {"metrics": metrics, "samples": samples}

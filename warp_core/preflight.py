@@ -10,7 +10,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from warp_core.chat import chat_problems, conversation
-from warp_core.data import PRESET_FIELDS, load_rows
+from warp_core.data import dataset_fields, load_rows
 from warp_core.spec import DatasetRef, JobSpec
 
 
@@ -58,8 +58,7 @@ def _data_problems(ref: DatasetRef) -> list[str]:
             return [f"{ref.source!r} row {ref.offset}: {exc}"]
         return []
     columns = set(first)
-    preset_prompt, preset_response = PRESET_FIELDS.get(ref.preset or "", (None, None))
-    needed = {ref.prompt_field or preset_prompt, ref.response_field or preset_response}
+    needed = {field for field in dataset_fields(ref, columns) if field is not None}
     if ref.preset == "mbpp":
         needed.add("test_list")
     missing = sorted(str(column) for column in needed - columns)

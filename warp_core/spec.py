@@ -35,10 +35,34 @@ REFERENCE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj"
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}
 """File suffix -> format of the dataset files a job reads and the API accepts as uploads."""
 
-Preset = Literal["do-not-answer", "gsm8k", "mbpp", "chat"]
+Preset = Literal[
+    "do-not-answer",
+    "gsm8k",
+    "mbpp",
+    "chat",
+    "xstest-safe",
+    "xstest-unsafe",
+    "advbench",
+    "harmbench",
+    "strongreject",
+]
 """Known dataset layouts. `chat`: every row holds `messages`, a conversation in OpenAI's chat
 format (`system`, `user`, `assistant` turns, each `{"role", "content"}`, an assistant turn
-optionally `"weight": 0` to be left out of the loss)."""
+optionally `"weight": 0` to be left out of the loss). The others name their columns in
+`warp_core.data.PRESET_FIELDS`; the prompt-only ones are `PROMPT_ONLY_PRESETS`."""
+
+PROMPT_ONLY_PRESETS = frozenset(
+    {"xstest-safe", "xstest-unsafe", "advbench", "harmbench", "strongreject"}
+)
+"""Standard evaluation suites: prompts without a response to learn, usable only as the
+refusal checks' sets (`eval.harmful`, `eval.benign`, `eval.contrast`)."""
+
+EXAMPLE_DATA = Path(__file__).resolve().parent / "example_data"
+"""The data slices shipped inside the package (`example_data/README.md`)."""
+
+XSTEST_PROMPTS = EXAMPLE_DATA / "xstest_prompts.csv"
+"""XSTest's 450 prompts (CC BY 4.0, `example_data/xstest_prompts.NOTICE.md`): the default
+over-refusal set is its 250 safe prompts, the default contrast set its 200 unsafe ones."""
 
 PRESET_FOR_HUB_ID: dict[str, Preset] = {
     "librai/do-not-answer": "do-not-answer",
@@ -47,6 +71,9 @@ PRESET_FOR_HUB_ID: dict[str, Preset] = {
     "mbpp": "mbpp",
     "google-research-datasets/mbpp": "mbpp",
     "muennighoff/mbpp": "mbpp",
+    "walledai/advbench": "advbench",
+    "walledai/harmbench": "harmbench",
+    "walledai/strongreject": "strongreject",
 }
 """Hub ids whose field mapping is known, so that a reference to them needs no mapping."""
 
@@ -68,10 +95,16 @@ class DatasetRef(_Strict):
     split: str = Field("train", min_length=1, description="Hub split (ignored for files).")
     preset: Preset | None = Field(
         None,
-        description="Known dataset layout (do-not-answer, gsm8k, mbpp); inferred from Hub ids.",
+        description="Known dataset layout (do-not-answer, gsm8k, mbpp, chat; the prompt-only "
+        "suites xstest-safe, xstest-unsafe, advbench, harmbench, strongreject); inferred from "
+        "Hub ids.",
     )
     prompt_field: str | None = Field(None, description="Column holding the prompt.")
-    response_field: str | None = Field(None, description="Column holding the response.")
+    response_field: str | None = Field(
+        None,
+        description="Column holding the response (not needed by the refusal checks' sets, "
+        "which read prompts only).",
+    )
     offset: int = Field(0, ge=0, description="Rows skipped before the first one used.")
     limit: int | None = Field(None, gt=0, description="Maximum number of rows used.")
 
@@ -93,16 +126,25 @@ class DatasetRef(_Strict):
             )
         if self.preset is None:
             self.preset = PRESET_FOR_HUB_ID.get(self.source.lower())
-        if self.preset == "gsm8k" and self.config is None and not self.is_local:
-            self.config = "main"
-        if self.preset is None and (self.prompt_field is None or self.response_field is None):
+        if self.config is None and not self.is_local:
+            self.config = {"gsm8k": "main", "harmbench": "standard"}.get(self.preset or "")
+        if self.preset is None and self.prompt_field is None:
             raise ValueError(
-                "prompt_field and response_field are required unless preset is one of "
-                "do-not-answer, gsm8k, mbpp, chat"
+                "prompt_field is required unless a preset names the columns "
+                "(do-not-answer, gsm8k, mbpp, chat, xstest-safe, xstest-unsafe, advbench, "
+                "harmbench, strongreject)"
             )
         if self.preset == "chat" and (self.prompt_field or self.response_field):
             raise ValueError("a chat dataset reads its rows' messages: no prompt or response field")
         return self
+
+    @property
+    def has_responses(self) -> bool:
+        """Whether rows carry an answer to learn or to score the loss of: what a training or
+        utility set needs, and a refusal check's prompt-only set does not."""
+        if self.response_field is not None or self.preset == "chat":
+            return True
+        return self.preset is not None and self.preset not in PROMPT_ONLY_PRESETS
 
     def following(self, limit: int) -> DatasetRef:
         """The `limit` rows right after this slice: the default held-out split."""
@@ -113,7 +155,7 @@ class DatasetRef(_Strict):
         return self.model_copy(update={"offset": self.offset + self.limit, "limit": limit})
 
 
-EVAL_SETS = ("harmful", "benign", "utility")
+EVAL_SETS = ("harmful", "benign", "contrast", "utility")
 """The evaluation sets of `EvalSpec`, in the order they are evaluated."""
 
 
@@ -124,10 +166,19 @@ class EvalSpec(_Strict):
         None, description="Harmful prompts (default: rows after safety_data's slice)."
     )
     benign: DatasetRef | None = Field(
-        None, description="Benign prompts for over-refusal (default: rows after utility_data's)."
+        None,
+        description="Benign prompts for over-refusal (default: XSTest's 250 safe prompts, "
+        "shipped with warp_core).",
+    )
+    contrast: DatasetRef | None = Field(
+        None,
+        description="Harmful prompts that look like the benign ones; their refusal rate is "
+        "contrast_refusal_rate (default: XSTest's 200 unsafe contrast prompts).",
     )
     utility: DatasetRef | None = Field(
-        None, description="Utility set for loss and accuracy (default: the benign default)."
+        None,
+        description="Utility set for loss and accuracy (default: an explicit benign set with "
+        "responses, else the rows after utility_data's).",
     )
     limit: int = Field(50, gt=0, description="Rows per default held-out set.")
     max_new_tokens: int = Field(64, gt=0, description="Greedy tokens generated per refusal check.")
@@ -344,15 +395,34 @@ class JobSpec(_Strict):
         if not self.eval.enabled:
             return self
         ev = self.eval
+        # The utility default is what it was when the benign default was the rows after
+        # utility_data's: those rows, or an explicit benign set that has answers to score.
+        benign_utility = ev.benign if ev.benign and ev.benign.has_responses else None
         try:
             harmful = ev.harmful or self.safety_data.following(ev.limit)
-            benign = ev.benign or self.utility_data.following(ev.limit)
+            utility = ev.utility or benign_utility or self.utility_data.following(ev.limit)
         except ValueError as exc:
             raise ValueError(
                 f"eval: {exc}; set a limit on it or give the eval sets explicitly"
             ) from exc
-        utility = ev.utility or benign
-        self.eval = ev.model_copy(update={"harmful": harmful, "benign": benign, "utility": utility})
+        benign = ev.benign or DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-safe")
+        contrast = ev.contrast or DatasetRef(source=str(XSTEST_PROMPTS), preset="xstest-unsafe")
+        sets = {"harmful": harmful, "benign": benign, "contrast": contrast, "utility": utility}
+        self.eval = ev.model_copy(update=sets)
+        return self
+
+    @model_validator(mode="after")
+    def _responses_where_needed(self) -> Self:
+        """Training sets and the utility set are read for their answers; the refusal checks'
+        sets for their prompts only (a response column there would go unused)."""
+        for where, ref in self.dataset_refs():
+            if where.startswith("eval.") and where != "eval.utility":
+                continue
+            if not ref.has_responses:
+                raise ValueError(
+                    f"{where}: needs a response to learn or score: set response_field"
+                    + (f" ({ref.preset} has prompts only)" if ref.preset else "")
+                )
         return self
 
     def dataset_refs(self) -> Iterator[tuple[str, DatasetRef]]:

@@ -18,10 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from warp_core.data import load_examples
-from warp_core.spec import DatasetRef, JobSpec
-
-EXAMPLE_DATA = Path(__file__).resolve().parent / "example_data"
-"""The data slices shipped with the package (rows, sources and licences in its README)."""
+from warp_core.spec import EXAMPLE_DATA, XSTEST_PROMPTS, DatasetRef, JobSpec
 
 SAFETY_SLICE = EXAMPLE_DATA / "do-not-answer.csv"
 UTILITY_SLICE = EXAMPLE_DATA / "gsm8k.jsonl"
@@ -147,11 +144,21 @@ EXAMPLE_HYPERPARAMETERS: dict[str, Any] = {
     "importance_batch_size": 2,
 }
 
+
+def xstest_slices(limit: int) -> dict[str, dict[str, Any]]:
+    """`eval.benign` and `eval.contrast` cut to the first `limit` prompts of each XSTest set:
+    what a job measures by default, in seconds instead of 450 generations."""
+    return {
+        name: {"source": str(XSTEST_PROMPTS), "preset": preset, "limit": limit}
+        for name, preset in (("benign", "xstest-safe"), ("contrast", "xstest-unsafe"))
+    }
+
+
 QUICK: dict[str, Any] = {
     # Seconds of work instead of a minute: what the service tests and benchmarks submit.
     "safety_data": {"limit": 32},
     "utility_data": {"limit": 64},
-    "eval": {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8},
+    "eval": {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8, **xstest_slices(4)},
     "hyperparameters": {"max_length": 192, "checkpoint_every": 2},
 }
 
@@ -169,8 +176,9 @@ def example_job(base_model: str, seed: int = 0, quick: bool = False) -> JobSpec:
         "safety_data": ref(SAFETY_SLICE, "do-not-answer", 200),
         "utility_data": ref(UTILITY_SLICE, "gsm8k", 256),
         "eval": {
-            # harmful and benign default to the 16 rows after each training slice; GSM8K
-            # accuracy and held-out loss come from the test split instead.
+            # harmful defaults to the 16 rows after the safety slice, benign and contrast to
+            # XSTest's safe and unsafe prompts; GSM8K accuracy and held-out loss come from
+            # the test split.
             "utility": ref(UTILITY_TEST_SLICE, "gsm8k", 16),
             "limit": 16,
             "max_new_tokens": 32,
