@@ -54,6 +54,21 @@ def test_compare_runs_both_methods_and_the_ablations_side_by_side(compared):
     assert (folder / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_compare_view_lists_the_xstest_rates_of_every_job(compared):
+    result, _ = compared
+    header = result["markdown"].splitlines()[0]
+    assert "over-refusal (benign; default XSTest safe)" in header
+    assert "refusal (contrast; default XSTest unsafe)" in header
+    for job in result["jobs"]:
+        evals = job["spec"]["eval"]
+        assert (evals["benign"]["preset"], evals["contrast"]["preset"]) == (
+            "xstest-safe",
+            "xstest-unsafe",
+        )
+        for when in ("before", "after"):
+            assert {"over_refusal_rate", "contrast_refusal_rate"} <= set(job["metrics"][when])
+
+
 def test_status_list_and_events(service, compared):
     job_id = compared[0]["jobs"][0]["id"]
     status = json.loads(warp(service, "status", job_id, "--json").stdout)
