@@ -110,7 +110,7 @@ def test_make_toy_model_and_a_short_run_from_an_empty_directory(installed, tmp_p
     spec = json.loads((tmp_path / "toy" / "spec.json").read_text())
     spec["hyperparameters"] |= {"max_steps": 2, "checkpoint_every": 1}
     spec["eval"] |= {"max_new_tokens": 4, "utility_max_new_tokens": 4}
-    for name in ("harmful", "benign", "utility"):
+    for name in ("harmful", "benign", "contrast", "utility"):
         spec["eval"][name]["limit"] = 4
     (tmp_path / "short.json").write_text(json.dumps(spec))
     out = json.loads(
