@@ -14,7 +14,7 @@ import pytest
 
 from warp_core.data import load_examples
 from warp_core.preflight import _data_problems
-from warp_core.spec import XSTEST_PROMPTS, DatasetRef
+from warp_core.spec import EXAMPLE_DATA, XSTEST_PROMPTS, DatasetRef
 
 SHARED_XSTEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "xstest"
 
@@ -118,3 +118,15 @@ def test_an_explicit_prompt_field_reads_prompts_only(tmp_path: Path) -> None:
     ref = DatasetRef(source=path, prompt_field="question")
     assert [(e.prompt, e.response) for e in load_examples(ref)] == [("Is it safe?", "")]
     assert _data_problems(ref) == []
+
+
+def test_a_refusal_check_reads_a_presets_prompts_without_its_response_column() -> None:
+    # The shipped do-not-answer questions: `id, risk_area, question`, no model's response.
+    questions = EXAMPLE_DATA / "do-not-answer-questions.csv"
+    ref = DatasetRef(source=str(questions), preset="do-not-answer")
+    with pytest.raises(ValueError, match="response_field 'llama2-7b-chat_response'"):
+        load_examples(ref)
+    examples = load_examples(ref, prompts_only=True)
+    assert len(examples) == 751 and {e.response for e in examples} == {""}
+    assert _data_problems(ref, prompts_only=True) == []
+    assert "has no column llama2-7b-chat_response" in _data_problems(ref)[0]

@@ -155,13 +155,14 @@ def load_rows(ref: DatasetRef) -> list[dict[str, Any]]:
     return [dict(row) for row in dataset.select(range(ref.offset, stop))]
 
 
-def load_examples(ref: DatasetRef) -> list[Example]:
-    """Load a dataset reference as examples, applying its preset."""
+def load_examples(ref: DatasetRef, prompts_only: bool = False) -> list[Example]:
+    """Load a dataset reference as examples, applying its preset. With `prompts_only` (the
+    refusal checks' sets) the preset's response column is not read: responses are empty."""
     rows = load_rows(ref)
     if ref.preset == "chat":
         return _chat_examples(ref, rows)
     columns = set(rows[0])
-    prompt_field, response_field = dataset_fields(ref, columns)
+    prompt_field, response_field = dataset_fields(ref, columns, prompts_only)
     for name, column in (("prompt_field", prompt_field), ("response_field", response_field)):
         if column is not None and column not in columns:
             raise ValueError(
@@ -181,12 +182,17 @@ def load_examples(ref: DatasetRef) -> list[Example]:
     return examples
 
 
-def dataset_fields(ref: DatasetRef, columns: set[str]) -> tuple[str | None, str | None]:
+def dataset_fields(
+    ref: DatasetRef, columns: set[str], prompts_only: bool = False
+) -> tuple[str | None, str | None]:
     """The (prompt, response) columns a reference reads from rows with `columns`: its own
-    fields, else its preset's (response None: a prompt-only set)."""
+    fields, else its preset's (response None: a prompt-only set, or `prompts_only` and no
+    explicit `response_field`)."""
     prompt_field, response_field = PRESET_FIELDS.get(ref.preset or "", (None, None))
     candidates = PROMPT_COLUMNS.get(ref.preset or "", ())
     prompt_field = next((c for c in candidates if c in columns), prompt_field)
+    if prompts_only:
+        response_field = None
     return ref.prompt_field or prompt_field, ref.response_field or response_field
 
 

@@ -73,7 +73,7 @@ from warp_core.model import (
 from warp_core.report import write_report
 from warp_core.rotation import ActivationRotation
 from warp_core.slots import PlainSlot, RotatedSlot, Slot
-from warp_core.spec import EVAL_SETS, DatasetRef, JobSpec, load_spec
+from warp_core.spec import EVAL_SETS, REFUSAL_SETS, DatasetRef, JobSpec, load_spec
 from warp_core.tracking import ResultsFile, StepMetrics, Tracking
 
 __all__ = ["Cancelled", "Pipeline", "load_spec", "run"]
@@ -258,7 +258,7 @@ class Pipeline:
     def read(self, where: str, ref: DatasetRef) -> list[Example]:
         """The examples of a dataset, recorded in `data.json` (by rank 0) for the model card:
         where they came from, how many rows were read and, for a local file, its digest."""
-        examples = load_examples(ref)
+        examples = load_examples(ref, prompts_only=where in REFUSAL_SETS)
         if self.world.main:
             path = self.out / "data.json"
             data = read_json(path) if path.exists() else {}

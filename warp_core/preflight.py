@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 from warp_core.chat import chat_problems, conversation
 from warp_core.data import dataset_fields, load_rows
-from warp_core.spec import DatasetRef, JobSpec
+from warp_core.spec import REFUSAL_SETS, DatasetRef, JobSpec
 
 
 class PreflightError(ValueError):
@@ -22,7 +22,8 @@ def check_spec(spec: JobSpec) -> None:
     """Raise PreflightError listing every problem found, or return quietly."""
     problems = _model_problems(spec.base_model)
     for where, ref in spec.dataset_refs():
-        problems += [f"{where}: {problem}" for problem in _data_problems(ref)]
+        prompts_only = where in REFUSAL_SETS
+        problems += [f"{where}: {problem}" for problem in _data_problems(ref, prompts_only)]
     if problems:
         raise PreflightError("\n".join(problems))
 
@@ -38,7 +39,7 @@ def _model_problems(base_model: str) -> list[str]:
     return []
 
 
-def _data_problems(ref: DatasetRef) -> list[str]:
+def _data_problems(ref: DatasetRef, prompts_only: bool = False) -> list[str]:
     path = Path(ref.source).expanduser()
     if ref.preset == "chat" and ref.is_local and path.suffix.lower() == ".jsonl":
         try:
@@ -58,7 +59,7 @@ def _data_problems(ref: DatasetRef) -> list[str]:
             return [f"{ref.source!r} row {ref.offset}: {exc}"]
         return []
     columns = set(first)
-    needed = {field for field in dataset_fields(ref, columns) if field is not None}
+    needed = {field for field in dataset_fields(ref, columns, prompts_only) if field}
     if ref.preset == "mbpp":
         needed.add("test_list")
     missing = sorted(str(column) for column in needed - columns)

@@ -158,6 +158,10 @@ class DatasetRef(_Strict):
 EVAL_SETS = ("harmful", "benign", "contrast", "utility")
 """The evaluation sets of `EvalSpec`, in the order they are evaluated."""
 
+REFUSAL_SETS = ("eval.harmful", "eval.benign", "eval.contrast")
+"""The sets the refusal checks read, for their prompts only: no response column is needed,
+even where a preset names one (`do-not-answer` on a file of questions)."""
+
 
 class EvalSpec(_Strict):
     """Held-out evaluation sets; each omitted one defaults to the rows after a training slice."""
@@ -416,7 +420,7 @@ class JobSpec(_Strict):
         """Training sets and the utility set are read for their answers; the refusal checks'
         sets for their prompts only (a response column there would go unused)."""
         for where, ref in self.dataset_refs():
-            if where.startswith("eval.") and where != "eval.utility":
+            if where in REFUSAL_SETS:
                 continue
             if not ref.has_responses:
                 raise ValueError(
