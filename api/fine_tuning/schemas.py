@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 from api.jobs.schemas import ArtifactOut, Progress
 from service.status import JobStatus
-from warp_core.spec import EvalSpec, Hyperparameters, Integration
+from warp_core.spec import EVAL_SETS, EvalSpec, Hyperparameters, Integration
 
 Auto = Literal["auto"]
 MethodType = Literal["supervised", "warp"]
@@ -72,9 +72,10 @@ FineTuneHyperparameters = create_model(
 EvalSettings = create_model(
     "EvalSettings",
     __config__=ConfigDict(extra="forbid"),
-    __doc__="The before/after evaluation's sizes (`JobSpec.eval`); its sets come from the "
-    "files: held-out rows of the safety file, and the validation file.",
-    **_optional_copies(EvalSpec, skip=("harmful", "benign", "utility")),
+    __doc__="The before/after evaluation's sizes and judge (`JobSpec.eval`); its sets come "
+    "from the files (held-out rows of the safety file, the validation file) and, for "
+    "over-refusal, XSTest's prompts.",
+    **_optional_copies(EvalSpec, skip=EVAL_SETS),
 )
 
 
