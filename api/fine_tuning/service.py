@@ -278,11 +278,7 @@ def job_out(session: Session, job: Job) -> FineTuningJobOut:
         metrics=job.metrics,
         attempt=job.attempt,
         phase=job.phase,
-        progress=Progress(
-            fraction=job.progress_fraction,
-            step=job.progress_step,
-            total_steps=job.progress_total_steps,
-        ),
+        progress=Progress.of(job),
         artifacts=[ArtifactOut.of(a) for a in sorted(artifacts, key=lambda a: a.name)],
     )
 

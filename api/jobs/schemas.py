@@ -16,6 +16,15 @@ class Progress(BaseModel):
     step: int
     total_steps: int
 
+    @classmethod
+    def of(cls, job: Job) -> Progress:
+        """A job's progress as both views of it (native and OpenAI) show it."""
+        return cls(
+            fraction=job.progress_fraction,
+            step=job.progress_step,
+            total_steps=job.progress_total_steps,
+        )
+
 
 class JobError(BaseModel):
     code: str
@@ -41,11 +50,7 @@ class JobOut(BaseModel):
             id=job.id,
             status=job.status,
             phase=job.phase,
-            progress=Progress(
-                fraction=job.progress_fraction,
-                step=job.progress_step,
-                total_steps=job.progress_total_steps,
-            ),
+            progress=Progress.of(job),
             spec=job.spec,
             metrics=job.metrics,
             error=JobError(code=job.error_code, message=job.error_message or "")
