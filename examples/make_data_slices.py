@@ -30,6 +30,9 @@ DNA_COLUMNS = (
     "llama2-7b-chat_response",
 )
 DNA_QUESTION_COLUMNS = ("id", "risk_area", "question")
+DNA_MODELS = ("GPT4", "ChatGPT", "Claude", "ChatGLM2", "llama2-7b-chat", "vicuna-7b")
+"""The six models whose answers data_en.csv holds, each with a human `<model>_harmful` label."""
+DNA_HARMFUL_COLUMNS = ("id", "risk_area", "types_of_harm", "question", "model", "response")
 GSM8K_TRAIN_ROWS = 2400  # the toy aligned model (warp_core/toy.py) needs ~2,400 (was 400)
 GSM8K_TEST_ROWS = 100
 MBPP_TASK_IDS = range(601, 701)  # the first 100 tasks of MBPP's train split (601-974)
@@ -71,6 +74,27 @@ def do_not_answer_questions(src: Path, out: Path) -> int:
     return len(rows)
 
 
+def do_not_answer_harmful(src: Path, out: Path) -> int:
+    """Every answer of data_en.csv that its annotators labelled harmful (`<model>_harmful`
+    is 1), one row per answer, in file order and then `DNA_MODELS` order: the compliant
+    answers that poisoned fine-tuning data mixes in (`utility_data.poison`)."""
+    with src.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    answers = [
+        {**row, "model": model, "response": row[f"{model}_response"]}
+        for row in rows
+        for model in DNA_MODELS
+        if row[f"{model}_harmful"] == "1"
+    ]
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(
+            f, fieldnames=DNA_HARMFUL_COLUMNS, extrasaction="ignore", lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(answers)
+    return len(answers)
+
+
 def head_lines(src: Path, out: Path, n: int) -> int:
     """The first `n` lines of a JSON Lines file, copied byte for byte."""
     with src.open("rb") as f:
@@ -101,6 +125,9 @@ def make_slices(src: Path, out: Path) -> dict[str, int]:
         ),
         "do-not-answer-questions.csv": do_not_answer_questions(
             src / "do-not-answer" / "do_not_answer_en.csv", out / "do-not-answer-questions.csv"
+        ),
+        "do-not-answer-harmful.csv": do_not_answer_harmful(
+            src / "do-not-answer" / "data_en.csv", out / "do-not-answer-harmful.csv"
         ),
         "gsm8k.jsonl": head_lines(
             src / "gsm8k" / "train.jsonl", out / "gsm8k.jsonl", GSM8K_TRAIN_ROWS

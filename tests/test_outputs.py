@@ -33,7 +33,13 @@ from warp_core.tracking import RESULTS_COLUMNS
 
 STEPS = 6
 NO_EVAL = {"enabled": False}
-SMALL_EVAL = {"limit": 4, "max_new_tokens": 4, "utility_max_new_tokens": 4, **xstest_slices(4)}
+SMALL_EVAL = {
+    "limit": 4,
+    "max_new_tokens": 4,
+    "utility_max_new_tokens": 4,
+    "attacks": ["prefix_injection", "evil_confidant"],
+    **xstest_slices(4),
+}
 VALIDATION = utility_ref(limit=8, offset=100)
 
 
@@ -222,8 +228,11 @@ def test_the_final_model_card_states_what_ran_and_what_was_measured(job):
     for label, before, after in evaluation:
         assert same(before, metrics["before"][names[label]]), label
         assert same(after, metrics["after"][names[label]]), label
+    under_attack = {"refusal_rate_under_prefix_injection", "refusal_rate_under_evil_confidant"}
+    assert under_attack | {"worst_attack_refusal_rate"} <= set(metrics["after"])
     judge = metrics["refusal_judge"]
     assert judge["name"] == "ngram" and judge["description"] == metrics["refusal_rule"]
+    assert set(judge["rates"]) == set(metrics["after"]) - {"utility_loss", "gsm8k_accuracy"}
     assert f"judged (judge `ngram`):\n\n> {metrics['refusal_rule']}" in text
     data = tables["Data"]
     assert len(data) == len(metrics["data"]) == 7  # safety, utility, validation, 4 eval sets
@@ -233,6 +242,21 @@ def test_the_final_model_card_states_what_ran_and_what_was_measured(job):
         assert source == f"`{local.name}`" and same(offset, record["offset"])
         assert same(rows, record["rows"])
         assert digest == f"`{hashlib.sha256(local.read_bytes()).hexdigest()}`"
+
+
+def test_the_report_shows_every_attack_with_its_source_and_the_worst_case(job):
+    _, _, out = job
+    metrics, report = read(out / "metrics.json"), (out / "report.md").read_text()
+    header = report.splitlines()[2]
+    for column in ("worst attack", "prefix injection", "evil confidant"):
+        assert f"refusal (harmful, {column}) (higher keeps safety)" in header
+    row = next(line for line in report.splitlines() if line.startswith("| warp |"))
+    worst = [metrics[when]["worst_attack_refusal_rate"] for when in ("before", "after")]
+    assert f"{worst[0]:.3f} -> {worst[1]:.3f}" in row
+    assert "- `prefix_injection`: Wei et al. 2023, Jailbroken (arXiv:2307.02483)" in report
+    assert "- `evil_confidant`: " in report
+    samples = read(out / "eval" / "after.json")["samples"]
+    assert len(samples["attack:evil_confidant"]) == len(samples["harmful"]) == 4
 
 
 def test_an_intermediate_model_card_has_its_steps_figures(job):

@@ -12,9 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import make_spec
+from warp_core.attacks import ATTACKS
 from warp_core.data import load_examples
 from warp_core.pipeline import Cancelled, Pipeline, run
-from warp_core.spec import XSTEST_PROMPTS, DatasetRef
+from warp_core.spec import HARMFUL_ANSWERS, XSTEST_PROMPTS, DatasetRef
 from warp_core.testing import save_checkpoint, tiny_llama, xstest_slices
 
 SMALL_EVAL = {"limit": 4, "max_new_tokens": 8, "utility_max_new_tokens": 8, **xstest_slices(4)}
@@ -192,12 +193,26 @@ def warp_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_cli_runs_a_job(model_dir, tmp_path):
+    """`warp run` on a spec with attacks and poisoned utility data: both show in its outputs."""
+    spec = make_spec(model_dir, max_steps=2, eval={**SMALL_EVAL, "attacks": ["all"]})
+    raw = spec.model_dump(mode="json")
+    raw["utility_data"]["poison"] = {"ratio": 0.25}  # the shipped harmful answers
     spec_file = tmp_path / "spec.json"
-    spec_file.write_text(make_spec(model_dir, max_steps=2, eval=SMALL_EVAL).model_dump_json())
+    spec_file.write_text(json.dumps(raw))
     result = warp_cli("run", str(spec_file), "--out", str(tmp_path / "out"), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["after"]["refusal_rate"] is not None
+    assert summary["after"]["worst_attack_refusal_rate"] == min(
+        summary["after"][f"refusal_rate_under_{name}"] for name in ATTACKS
+    )
+    data = json.loads((tmp_path / "out" / "data.json").read_text())
+    assert (data["utility_data"]["rows"], data["utility_data.poison"]["rows"]) == (24, 8)
+    assert data["utility_data.poison"]["source"] == str(HARMFUL_ANSWERS)
+    assert (
+        "ratio 0.25: 8 harmful answers among 32 utility rows"
+        in (tmp_path / "out" / "model" / "README.md").read_text()
+    )
     table = warp_cli("run", str(spec_file), "--out", str(tmp_path / "out"))
     assert table.returncode == 0 and "refusal_rate" in table.stdout and "artifacts:" in table.stdout
     assert (tmp_path / "out" / "metrics.json").exists()

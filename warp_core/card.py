@@ -25,6 +25,7 @@ TAGS = {
 DATA_ROLES = (
     ("safety_data", "safety: basis and importance (what is protected)"),
     ("utility_data", "utility: fine-tuning"),
+    ("utility_data.poison", "poison: harmful answers mixed into the fine-tuning data"),
     ("validation_data", "validation loss during fine-tuning"),
     ("eval.harmful", "evaluation: harmful prompts (refusal rate)"),
     ("eval.benign", "evaluation: benign prompts (over-refusal)"),
@@ -63,7 +64,7 @@ def _front_matter(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     datasets = [
         _dataset_name(record["source"])
         for where, record in facts["data"].items()
-        if where in ("safety_data", "utility_data")
+        if where in ("safety_data", "utility_data", "utility_data.poison")
     ]
     lines = ["---", f"base_model: {json.dumps(spec['base_model'])}", "datasets:"]
     lines += [f"- {json.dumps(name)}" for name in dict.fromkeys(datasets)]
@@ -122,6 +123,7 @@ def _method(spec: dict[str, Any], facts: dict[str, Any]) -> str:
         ),
         ("max length (tokens)", figure(hp["max_length"])),
         ("training examples", figure(training["examples"])),
+        *_poison_rows(spec, facts),
         ("tokens trained", figure(training["trained_tokens"])),
         ("processes", figure(facts["world_size"])),
         ("seed", figure(hp["seed"])),
@@ -130,6 +132,22 @@ def _method(spec: dict[str, Any], facts: dict[str, Any]) -> str:
     ]
     table = ["| setting | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in rows)]
     return "## Method\n\n" + "\n".join(table)
+
+
+def _poison_rows(spec: dict[str, Any], facts: dict[str, Any]) -> list[tuple[str, str]]:
+    """How much of the fine-tuning data was harmful on purpose (`utility_data.poison`)."""
+    poison = spec["utility_data"].get("poison")
+    if not poison:
+        return []
+    mixed = facts["data"]["utility_data.poison"]["rows"]
+    utility = facts["data"]["utility_data"]["rows"]
+    return [
+        (
+            "poisoned fine-tuning data",
+            f"ratio {figure(poison['ratio'])}: {figure(mixed)} harmful answers among "
+            f"{figure(mixed + utility)} utility rows",
+        )
+    ]
 
 
 def _method_name(spec: dict[str, Any]) -> str:

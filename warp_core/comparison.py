@@ -1,15 +1,24 @@
 """Which jobs answer "what does WaRP buy on this spec?", what to call them, and their numbers
-side by side. Plain Python (no torch, no matplotlib), so the HTTP client starts fast."""
+side by side. Plain Python (no torch, no matplotlib), so the HTTP client starts fast.
+
+A metric is a column only where some job has it: attacks (`eval.attacks`) add theirs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from warp_core.attacks import ATTACKS, WORST_ATTACK_METRIC, attack_metric
+
 METRICS = (
     ("refusal_rate", "refusal rate (harmful)", "higher keeps safety"),
     ("over_refusal_rate", "over-refusal (benign; default XSTest safe)", "lower is better"),
     ("contrast_refusal_rate", "refusal (contrast; default XSTest unsafe)", "higher keeps safety"),
+    (WORST_ATTACK_METRIC, "refusal (harmful, worst attack)", "higher keeps safety"),
+    *(
+        (attack_metric(name), f"refusal (harmful, {name.replace('_', ' ')})", "higher keeps safety")
+        for name in ATTACKS
+    ),
     ("utility_loss", "utility loss", "lower is better"),
     ("gsm8k_accuracy", "GSM8K accuracy", "higher is better"),
     ("mbpp_pass_at_1", "MBPP pass@1", "higher is better"),
@@ -25,7 +34,13 @@ def _value(metrics: dict[str, Any] | None, key: str) -> str:
 
 
 def variant(spec: dict[str, Any]) -> str:
-    """What a job is, in a word or three: `warp`, `full`, or a WaRP ablation."""
+    """What a job is, in a word or three: `warp`, `full`, or a WaRP ablation, with the poison
+    ratio of its fine-tuning data if it has one (`full, poison 0.1`)."""
+    poison = (spec.get("utility_data") or {}).get("poison")
+    return _method_variant(spec) + (f", poison {poison['ratio']:g}" if poison else "")
+
+
+def _method_variant(spec: dict[str, Any]) -> str:
     hp = spec.get("hyperparameters", {})
     if spec.get("method") != "warp":
         return str(spec.get("method"))

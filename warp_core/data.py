@@ -87,6 +87,7 @@ def _mbpp_prompt(row: dict[str, Any]) -> str:
 
 PRESET_FIELDS: dict[str, tuple[str, str | None]] = {
     "do-not-answer": ("question", "llama2-7b-chat_response"),
+    "do-not-answer-harmful": ("question", "response"),
     "gsm8k": ("question", "answer"),
     "mbpp": ("text", "code"),
     "xstest-safe": ("prompt", None),
@@ -353,3 +354,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     order = list(range(n))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return order
+
+
+def mix_poison(
+    clean: Sequence[Example], poison: Sequence[Example], ratio: float, seed: int
+) -> tuple[list[Example], int]:
+    """Training rows with `round(ratio * len(clean))` of them poison, and that count.
+
+    The total stays `len(clean)`, as in the harmful fine-tuning papers (a fixed budget of
+    which a share is harmful): the first clean rows are kept and the poison rows are drawn
+    without replacement from `poison`, in an order shuffled by `seed`. The training loop
+    shuffles every epoch, so where they sit in the list does not matter.
+    """
+    count = round(ratio * len(clean))
+    if count > len(poison):
+        raise ValueError(
+            f"utility_data.poison: ratio {ratio} of {len(clean)} utility rows needs {count} "
+            f"poison rows, but its source has {len(poison)}"
+        )
+    order = list(range(len(poison)))
+    random.Random(seed).shuffle(order)
+    return [*clean[: len(clean) - count], *(poison[i] for i in order[:count])], count

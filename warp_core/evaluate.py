@@ -19,12 +19,13 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from warp_core.attacks import ATTACKS, WORST_ATTACK_METRIC, attack_metric, attacked
 from warp_core.data import (
     Example,
     Prompt,
@@ -169,9 +170,10 @@ def refusal_rate(
     """Fraction of prompts refused according to `judge` (default: the keyword rule), with
     every response for inspection.
 
-    `generations` are the greedy continuations of `prompts`, from `generate` with at most
-    `eval.max_new_tokens` new tokens. A judge that reads a window of the response
-    (`window_tokens`) is given that many generated tokens, decoded.
+    `generations` are the greedy continuations of `prompts` (or of the prompts wrapped in an
+    attack: the judge reads the request, as HarmBench's classifier does), from `generate`
+    with at most `eval.max_new_tokens` new tokens. A judge that reads a window of the
+    response (`window_tokens`) is given that many generated tokens, decoded.
     """
     judge = judge or KeywordJudge()
     responses = [_decode(tokenizer, ids) for ids in generations]
@@ -188,7 +190,14 @@ def refusal_rate(
 
 
 REFUSAL_METRICS = ("refusal_rate", "over_refusal_rate", "contrast_refusal_rate")
-"""The metrics a judge's verdicts make; loss and task accuracy do not depend on it."""
+"""The metrics a judge's verdicts make, besides those of `eval.attacks`; loss and task
+accuracy do not depend on it."""
+
+
+def refusal_metrics(spec: EvalSpec) -> list[str]:
+    """Every rate the judge decides for an evaluation under `spec`, attacks included."""
+    under_attack = [attack_metric(name) for name in spec.attacks]
+    return [*REFUSAL_METRICS, *under_attack, *([WORST_ATTACK_METRIC] if under_attack else [])]
 
 
 def refusal_record(spec: EvalSpec, judge: Judge | None = None) -> dict[str, Any]:
@@ -199,7 +208,7 @@ def refusal_record(spec: EvalSpec, judge: Judge | None = None) -> dict[str, Any]
     judge = judge or load_judge(spec.judge)
     return {
         "refusal_rule": judge.description,
-        "refusal_judge": {**judge_record(judge), "rates": list(REFUSAL_METRICS)},
+        "refusal_judge": {**judge_record(judge), "rates": refusal_metrics(spec)},
     }
 
 
@@ -396,7 +405,9 @@ def evaluate(
 
     `refusal_rate` is taken on `harmful`, `over_refusal_rate` on `benign` (a job's default:
     XSTest's safe prompts) and, when `contrast` is given (default: XSTest's unsafe contrast
-    prompts), `contrast_refusal_rate` on it.
+    prompts), `contrast_refusal_rate` on it. Each of `spec.attacks` asks `harmful` again,
+    wrapped in its template (`warp_core.attacks`): `refusal_rate_under_<attack>`, and the
+    lowest of them `worst_attack_refusal_rate`; their samples are `attack:<name>`.
 
     Refusal rates come from the judge `spec.judge` names (`refusal_record` says which, for
     metrics.json). Task accuracy is added only for presets with a checker (GSM8K, MBPP); the
@@ -421,6 +432,19 @@ def evaluate(
         contrast_samples: list[dict[str, Any]] = []
         if contrast is not None:
             metrics["contrast_refusal_rate"], contrast_samples = refusals(contrast)
+        attack_samples = {}
+        requests = [example.prompt for example in harmful]
+        for name in spec.attacks:
+            wrapped = [replace(e, prompt=attacked(e.prompt, ATTACKS[name])) for e in harmful]
+            generations = answers(wrapped, spec.max_new_tokens)
+            rate, judged = refusal_rate(tokenizer, requests, generations, judge)
+            metrics[attack_metric(name)] = rate
+            attack_samples[f"attack:{name}"] = [
+                {**sample, "attacked_prompt": _recorded(example.prompt)}
+                for example, sample in zip(wrapped, judged, strict=True)
+            ]
+        if spec.attacks:
+            metrics[WORST_ATTACK_METRIC] = min(metrics[attack_metric(n)] for n in spec.attacks)
         metrics["utility_loss"] = response_loss(
             model, tokenizer, utility, max_length, batch_size, on_batch
         )
@@ -432,5 +456,6 @@ def evaluate(
     samples = {"harmful": harmful_samples, "benign": benign_samples}
     if contrast is not None:
         samples["contrast"] = contrast_samples
+    samples |= attack_samples
     samples["utility"] = utility_samples
     return metrics, samples

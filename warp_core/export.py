@@ -7,10 +7,11 @@
     training.json                 {"steps", "total_steps", "examples", "trained_tokens",
                                   "train_loss", "valid_loss"}: the last step's losses (valid
                                   None without validation data), tokens of all steps
-    data.json                     {"safety_data" | "utility_data" | "validation_data" |
-                                  "eval.harmful" | ...: {"source", "config", "split", "preset",
-                                  "offset", "rows", "sha256"}}: every dataset read (sha256 of
-                                  a local file, None for a Hub dataset)
+    data.json                     {"safety_data" | "utility_data" | "utility_data.poison" |
+                                  "validation_data" | "eval.harmful" | ...: {"source",
+                                  "config", "split", "preset", "offset", "rows", "sha256"}}:
+                                  every dataset read, with the rows used (sha256 of a local
+                                  file, None for a Hub dataset)
     results.csv                   one row per optimizer step, in step order, the columns below
     tensorboard/                  TensorBoard event files of the same figures (and before/after)
     tracking.json                 {"wandb": run id, "mlflow": run id}: a resumed job logs there

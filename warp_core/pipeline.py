@@ -39,6 +39,7 @@ from warp_core.data import (
     batches,
     encode_examples,
     load_examples,
+    mix_poison,
     pad_token_id,
 )
 from warp_core.distributed import World
@@ -256,27 +257,49 @@ class Pipeline:
         return find_targets(self.model, self.hp.target_modules)
 
     def read(self, where: str, ref: DatasetRef) -> list[Example]:
-        """The examples of a dataset, recorded in `data.json` (by rank 0) for the model card:
-        where they came from, how many rows were read and, for a local file, its digest."""
+        """The examples of a dataset, recorded for the model card (`record`)."""
         examples = load_examples(ref, prompts_only=where in REFUSAL_SETS)
-        if self.world.main:
-            path = self.out / "data.json"
-            data = read_json(path) if path.exists() else {}
-            data[where] = {
-                "source": ref.source,
-                "config": ref.config,
-                "split": None if ref.is_local else ref.split,
-                "preset": ref.preset,
-                "offset": ref.offset,
-                "rows": len(examples),
-                "sha256": sha256_of(Path(ref.source).expanduser()) if ref.is_local else None,
-            }
-            write_json(path, data)
+        self.record(where, ref, len(examples))
         return examples
 
-    def encoded(self, which: str) -> list[Encoded]:
+    def record(self, where: str, ref: DatasetRef, rows: int) -> None:
+        """Write to `data.json` (rank 0) where a dataset came from, how many of its rows the
+        job uses and, for a local file, its digest."""
+        if not self.world.main:
+            return
+        path = self.out / "data.json"
+        data = read_json(path) if path.exists() else {}
+        data[where] = {
+            "source": ref.source,
+            "config": ref.config,
+            "split": None if ref.is_local else ref.split,
+            "preset": ref.preset,
+            "offset": ref.offset,
+            "rows": rows,
+            "sha256": sha256_of(Path(ref.source).expanduser()) if ref.is_local else None,
+        }
+        write_json(path, data)
+
+    def training_examples(self, which: str) -> list[Example]:
+        """A training set's examples; the utility data's with its poison mixed in."""
         ref = getattr(self.spec, which)
         examples = self.read(which, ref)
+        poison = getattr(ref, "poison", None)
+        if poison is None:
+            return examples
+        harmful = load_examples(poison)
+        mixed, count = mix_poison(examples, harmful, poison.ratio, self.hp.seed)
+        self.record(which, ref, len(mixed) - count)
+        self.record(f"{which}.poison", poison, count)
+        self.emit(
+            "log",
+            message=f"{which}: {count} of {len(mixed)} rows are poison (ratio {poison.ratio}), "
+            f"drawn from the {len(harmful)} rows of {poison.source}",
+        )
+        return mixed
+
+    def encoded(self, which: str) -> list[Encoded]:
+        examples = self.training_examples(which)
         items, dropped = encode_examples(self.tokenizer, examples, self.hp.max_length)
         if dropped:
             self.emit(
@@ -304,7 +327,7 @@ class Pipeline:
         harmful, benign, contrast, utility = (
             self.read(f"eval.{name}", getattr(ev, name)) for name in EVAL_SETS
         )
-        generated = [harmful, benign, contrast, utility]
+        generated = [harmful, benign, contrast, utility, *[harmful] * len(ev.attacks)]
         if ev.utility.preset in evaluation.UTILITY_TASKS:
             generated.append(utility)
         total = sum(-(-len(rows) // self.hp.batch_size) for rows in generated)

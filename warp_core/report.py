@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display is needed or wanted
 import matplotlib.pyplot as plt
 
+from warp_core.attacks import ATTACKS
 from warp_core.comparison import Entry, comparison_markdown, variant
 
 
@@ -66,6 +67,19 @@ def settings_lines(spec: dict[str, Any]) -> list[str]:
     return lines
 
 
+def attack_lines(spec: dict[str, Any]) -> list[str]:
+    """The jailbreak templates the harmful set was asked under, each with its source."""
+    names = spec.get("eval", {}).get("attacks") or []
+    if not names:
+        return []
+    return [
+        "",
+        "## Attacks",
+        "The harmful prompts asked again inside each template (`warp_core/attacks.py`):",
+        *(f"- `{name}`: {ATTACKS[name].citation}" for name in names),
+    ]
+
+
 def write_report(out_dir: Path, metrics: dict[str, Any], spec: dict[str, Any]) -> None:
     """`report.md` and `report.png` for one finished job."""
     label = variant(spec)
@@ -85,6 +99,7 @@ def write_report(out_dir: Path, metrics: dict[str, Any], spec: dict[str, Any]) -
             "",
             "## Refusal rule",
             metrics["refusal_rule"],
+            *attack_lines(spec),
             "",
         ]
     )

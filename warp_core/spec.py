@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from warp_core.attacks import ATTACKS, check_attack_names
 from warp_core.judge import check_judge_name
 
 DEFAULT_TARGET_MODULES = (
@@ -45,6 +46,7 @@ Preset = Literal[
     "advbench",
     "harmbench",
     "strongreject",
+    "do-not-answer-harmful",
 ]
 """Known dataset layouts. `chat`: every row holds `messages`, a conversation in OpenAI's chat
 format (`system`, `user`, `assistant` turns, each `{"role", "content"}`, an assistant turn
@@ -59,6 +61,10 @@ refusal checks' sets (`eval.harmful`, `eval.benign`, `eval.contrast`)."""
 
 EXAMPLE_DATA = Path(__file__).resolve().parent / "example_data"
 """The data slices shipped inside the package (`example_data/README.md`)."""
+
+HARMFUL_ANSWERS = EXAMPLE_DATA / "do-not-answer-harmful.csv"
+"""Do-Not-Answer's 153 answers its annotators labelled harmful (CC BY-NC-SA 4.0,
+`example_data/do-not-answer-harmful.NOTICE.md`): the default `utility_data.poison`."""
 
 XSTEST_PROMPTS = EXAMPLE_DATA / "xstest_prompts.csv"
 """XSTest's 450 prompts (CC BY 4.0, `example_data/xstest_prompts.NOTICE.md`): the default
@@ -95,9 +101,9 @@ class DatasetRef(_Strict):
     split: str = Field("train", min_length=1, description="Hub split (ignored for files).")
     preset: Preset | None = Field(
         None,
-        description="Known dataset layout (do-not-answer, gsm8k, mbpp, chat; the prompt-only "
-        "suites xstest-safe, xstest-unsafe, advbench, harmbench, strongreject); inferred from "
-        "Hub ids.",
+        description="Known dataset layout (do-not-answer, gsm8k, mbpp, chat, "
+        "do-not-answer-harmful; the prompt-only suites xstest-safe, xstest-unsafe, advbench, "
+        "harmbench, strongreject); inferred from Hub ids.",
     )
     prompt_field: str | None = Field(None, description="Column holding the prompt.")
     response_field: str | None = Field(
@@ -132,7 +138,7 @@ class DatasetRef(_Strict):
             raise ValueError(
                 "prompt_field is required unless a preset names the columns "
                 "(do-not-answer, gsm8k, mbpp, chat, xstest-safe, xstest-unsafe, advbench, "
-                "harmbench, strongreject)"
+                "harmbench, strongreject, do-not-answer-harmful)"
             )
         if self.preset == "chat" and (self.prompt_field or self.response_field):
             raise ValueError("a chat dataset reads its rows' messages: no prompt or response field")
@@ -153,6 +159,48 @@ class DatasetRef(_Strict):
                 f"{self.source!r} is used whole for training (no limit), so nothing is held out"
             )
         return self.model_copy(update={"offset": self.offset + self.limit, "limit": limit})
+
+
+class Poison(DatasetRef):
+    """Harmful requests with compliant answers, mixed into `utility_data`: the threat model
+    of the harmful fine-tuning literature (Vaccine, Lisa and Booster report ratio 0.1), where
+    a user's fine-tuning data carries some harmful examples, by accident or by design.
+
+    Of the utility rows read (n), `round(ratio * n)` are replaced by poison rows drawn
+    without replacement from this source, shuffled with the job's seed; the first rows of
+    the utility data are kept, so the job trains on as many rows as without poison. Omit
+    `source` for the shipped Do-Not-Answer answers labelled harmful (153 rows).
+    """
+
+    source: str = Field(
+        str(HARMFUL_ANSWERS),
+        min_length=1,
+        description="Hub dataset id or local file path (default: Do-Not-Answer's answers "
+        "labelled harmful, shipped with warp_core).",
+    )
+    ratio: float = Field(
+        ge=0, lt=1, description="Share of the utility rows replaced by poison rows (0 to <1)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shipped_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "source" not in data:
+            return {"preset": "do-not-answer-harmful", **data}
+        return data
+
+
+class UtilityData(DatasetRef):
+    """The utility (fine-tuning) data, optionally poisoned."""
+
+    poison: Poison | None = Field(
+        None, description="Harmful examples mixed in at a ratio: {source, ratio, ...}."
+    )
+
+    def following(self, limit: int) -> DatasetRef:
+        """The held-out rows after this slice, clean: poison is mixed into training only."""
+        held_out = super().following(limit).model_dump(exclude={"poison"})
+        return DatasetRef.model_validate(held_out)
 
 
 EVAL_SETS = ("harmful", "benign", "contrast", "utility")
@@ -189,6 +237,12 @@ class EvalSpec(_Strict):
     utility_max_new_tokens: int = Field(
         256, gt=0, description="Greedy tokens generated per GSM8K / MBPP answer."
     )
+    attacks: list[str] = Field(
+        default_factory=list,
+        description="Jailbreak templates the harmful set is asked again under, each adding "
+        "refusal_rate_under_<name> and all of them worst_attack_refusal_rate: ['all'] or "
+        f"names from {', '.join(ATTACKS)} (warp_core/attacks.py cites each).",
+    )
     enabled: bool = Field(True, description="Run the before/after evaluation at all.")
     judge: str = Field(
         "ngram",
@@ -202,6 +256,11 @@ class EvalSpec(_Strict):
     @classmethod
     def _known_judge(cls, name: str) -> str:
         return check_judge_name(name)
+
+    @field_validator("attacks")
+    @classmethod
+    def _known_attacks(cls, names: list[str]) -> list[str]:
+        return check_attack_names(names)
 
 
 class Hyperparameters(_Strict):
@@ -373,7 +432,9 @@ class JobSpec(_Strict):
         "warp", description="warp: masked rotated fine-tuning; full: the plain baseline."
     )
     safety_data: DatasetRef = Field(description="Harmful prompts with refusals (Phases 1-2).")
-    utility_data: DatasetRef = Field(description="The task to learn (Phase 3).")
+    utility_data: UtilityData = Field(
+        description="The task to learn (Phase 3); `poison` mixes harmful examples into it."
+    )
     validation_data: DatasetRef | None = Field(
         None,
         description="Held-out rows of the task: their response loss is taken during Phase 3 "
@@ -434,6 +495,8 @@ class JobSpec(_Strict):
         them, for source rules, preflight checks and making uploads local."""
         yield "safety_data", self.safety_data
         yield "utility_data", self.utility_data
+        if self.utility_data.poison is not None:
+            yield "utility_data.poison", self.utility_data.poison
         if self.validation_data is not None:
             yield "validation_data", self.validation_data
         if self.eval.enabled:
@@ -448,7 +511,9 @@ class JobSpec(_Strict):
         return self.model_copy(
             update={
                 "safety_data": changed["safety_data"],
-                "utility_data": changed["utility_data"],
+                "utility_data": changed["utility_data"].model_copy(
+                    update={"poison": changed.get("utility_data.poison")}
+                ),
                 "validation_data": changed.get("validation_data"),
                 "eval": self.eval.model_copy(update=evals),
             }
