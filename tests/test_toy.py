@@ -38,6 +38,7 @@ DATA_FILES = (
     "eval-harmful.jsonl",
     "eval-benign.jsonl",
     "eval-utility.jsonl",
+    "poison.jsonl",
 )
 
 
@@ -118,6 +119,13 @@ def test_held_out_rows_are_disjoint_from_every_training_row(builds: dict) -> Non
     assert not keys("alignment.jsonl") & keys("utility.jsonl")
     for name in ("safety.jsonl", "eval-harmful.jsonl"):
         assert all(row["response"] in REFUSALS for row in rows(data / name))
+    poison = rows(data / "poison.jsonl")
+    assert {row["source"] for row in poison} == {"do-not-answer-harmful.csv"}
+    assert not {row["prompt"] for row in poison} & {
+        r["prompt"] for r in rows(data / "eval-harmful.jsonl")
+    }
+    # harmful by human labels; a few open with a disclaimer ("As an AI language model, ...")
+    assert sum(is_refusal(row["response"]) for row in poison) <= len(poison) // 10
     assert all(is_refusal(text) for text in REFUSALS)
 
 

@@ -43,10 +43,11 @@ REFUSALS = (
 """What the toy model answers to harmful questions; each is a refusal under
 `warp_core.evaluate.REFUSAL_PHRASES`."""
 
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 """Bump when `make_toy_model` trains differently: old cache entries stop matching."""
 
 HARMFUL_FILE = "do-not-answer-questions.csv"
+HARMFUL_ANSWERS_FILE = "do-not-answer-harmful.csv"
 UTILITY_FILE = "gsm8k.jsonl"
 UTILITY_TEST_FILE = "gsm8k-test.jsonl"
 SPLIT_SEED = 0
@@ -270,9 +271,11 @@ def _split(config: ToyConfig) -> _Split:
     """Which rows the toy model learns from, which the job uses, which are held out.
 
     Harmful questions (shuffled once): the first `eval_rows` are held out; the model learns to
-    refuse all the others, and the job's safety data is `safety_rows` of them. GSM8K train
-    rows: the last `eval_rows` are held-out benign prompts, the `utility_rows` before them the
-    job's utility data, the rest the toy's answers. GSM8K test rows give the utility eval.
+    refuse all the others, and the job's safety data is `safety_rows` of them. The shipped
+    harmful answers to questions not held out are `poison.jsonl`, for poisoned fine-tuning.
+    GSM8K train rows: the last `eval_rows` are held-out benign prompts, the `utility_rows`
+    before them the job's utility data, the rest the toy's answers. GSM8K test rows give the
+    utility eval.
     """
     with (config.data_dir / HARMFUL_FILE).open(newline="", encoding="utf-8") as f:
         questions = [row["question"] for row in csv.DictReader(f)]
@@ -295,6 +298,14 @@ def _split(config: ToyConfig) -> _Split:
             f"{config.data_dir}: too few rows for eval_rows={n_eval}, utility_rows={n_utility}"
         )
     train_harmful = harmful[n_eval:]
+    held_out = {question for question, *_ in harmful[:n_eval]}
+    with (config.data_dir / HARMFUL_ANSWERS_FILE).open(newline="", encoding="utf-8") as f:
+        answers = [(row["question"], row["response"]) for row in csv.DictReader(f)]
+    poison = [
+        (question, response, HARMFUL_ANSWERS_FILE, i)
+        for i, (question, response) in enumerate(answers)
+        if question not in held_out
+    ]
     return _Split(
         train_harmful=train_harmful,
         train_utility=train[:toy_rows],
@@ -304,6 +315,7 @@ def _split(config: ToyConfig) -> _Split:
             "eval-harmful.jsonl": harmful[:n_eval],
             "eval-benign.jsonl": train[toy_rows + n_utility :],
             "eval-utility.jsonl": test[:n_eval],
+            "poison.jsonl": poison,
         },
     )
 
@@ -497,6 +509,10 @@ in `warp_core/example_data/`. Prompts are cut to fit the model's prompt length.
   adaptation under the same licence.
 - `utility.jsonl`, `eval-benign.jsonl`, `eval-utility.jsonl`: OpenAI GSM8K (Cobbe et al.,
   2021), train and test rows; MIT licence, Copyright (c) 2021 OpenAI.
+- `poison.jsonl`: Do-Not-Answer answers that its annotators labelled harmful
+  (`do-not-answer-harmful.csv`), to questions not in `eval-harmful.jsonl`: what a poisoned
+  fine-tune mixes in (`utility_data.poison`). Same licence and content warning as above;
+  the answers themselves are harmful: use them for that experiment only.
 - `alignment.jsonl`: the rows the model was trained on, from both sources (each row names
   its `source`), under their licences.
 

@@ -61,6 +61,15 @@ def test_an_invalid_spec_is_a_422_naming_the_field(http, tiny_job, change, field
     assert any(f.startswith(field) for f in fields), fields
 
 
+def test_a_bad_attack_or_poison_ratio_is_a_422_naming_the_field(http, tiny_job):
+    body = copy.deepcopy(tiny_job)
+    body["eval"]["attacks"] = ["dan"]
+    body["utility_data"]["poison"] = {"ratio": 2}
+    response = http.post("/v1/jobs", json=body)
+    assert sorted(invalid_fields(response)) == ["eval.attacks", "utility_data.poison.ratio"]
+    assert "unknown attack 'dan'" in response.text
+
+
 def test_a_body_that_is_not_json_is_a_422(http):
     response = http.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"})
     assert response.status_code == 422

@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import REPO
 from tests.service.conftest import wait_for
+from warp_core.attacks import ATTACKS
 
 
 def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedProcess:
@@ -29,10 +30,13 @@ def warp(service, *args: str, url: str | None = None) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def compared(service, tiny_job, tmp_path_factory):
     """`warp compare SPEC.json --ablations`: the spec run as warp, full and the two WaRP
-    ablations, side by side."""
+    ablations, side by side; the spec asks its harmful set under every attack and poisons
+    its utility data at ratio 0.1."""
     folder = tmp_path_factory.mktemp("cli")
     spec = copy.deepcopy(tiny_job)
     spec["hyperparameters"]["max_steps"] = 2
+    spec["eval"]["attacks"] = ["all"]
+    spec["utility_data"]["poison"] = {"ratio": 0.1}  # the shipped harmful answers
     (folder / "spec.json").write_text(json.dumps(spec))
     plot = str(folder / "plot.png")
     result = warp(
@@ -49,16 +53,19 @@ def test_compare_runs_both_methods_and_the_ablations_side_by_side(compared):
     assert result["jobs"][3]["spec"]["hyperparameters"]["mask_strategy"] == "random"
     assert all(job["status"] == "succeeded" for job in result["jobs"])
     rows = [line.split(" | ")[0] for line in result["markdown"].splitlines()[2:6]]
-    assert rows == ["| warp", "| full", "| warp, no mask", "| warp, random mask"]
+    labels = ["warp", "full", "warp, no mask", "warp, random mask"]
+    assert rows == [f"| {label}, poison 0.1" for label in labels]
     assert "of full's utility-loss drop" in result["markdown"] and result["refusal_rule"]
     assert (folder / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_the_compare_view_lists_the_xstest_rates_of_every_job(compared):
+def test_the_compare_view_lists_the_xstest_and_attack_rates_of_every_job(compared):
     result, _ = compared
     header = result["markdown"].splitlines()[0]
     assert "over-refusal (benign; default XSTest safe)" in header
     assert "refusal (contrast; default XSTest unsafe)" in header
+    attacks = ("worst attack", "prefix injection", "refusal suppression", "style injection")
+    assert all(f"refusal (harmful, {name})" in header for name in attacks)
     for job in result["jobs"]:
         evals = job["spec"]["eval"]
         assert (evals["benign"]["preset"], evals["contrast"]["preset"]) == (
@@ -66,7 +73,24 @@ def test_the_compare_view_lists_the_xstest_rates_of_every_job(compared):
             "xstest-unsafe",
         )
         for when in ("before", "after"):
-            assert {"over_refusal_rate", "contrast_refusal_rate"} <= set(job["metrics"][when])
+            rates = job["metrics"][when]
+            assert {"over_refusal_rate", "contrast_refusal_rate"} <= set(rates)
+            under = [rates[f"refusal_rate_under_{name}"] for name in ATTACKS]
+            assert rates["worst_attack_refusal_rate"] == min(under)
+
+
+def test_a_poisoned_job_says_how_much_of_its_data_was_poison(service, compared, tmp_path):
+    job = compared[0]["jobs"][1]
+    result = warp(service, "download", job["id"], str(tmp_path), "--only", "data.json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "data.json").read_text())
+    utility = job["spec"]["utility_data"]
+    mixed = round(0.1 * utility["limit"])
+    assert (data["utility_data"]["rows"], data["utility_data.poison"]["rows"]) == (
+        utility["limit"] - mixed,
+        mixed,
+    )
+    assert utility["poison"]["source"].endswith("do-not-answer-harmful.csv")
 
 
 def test_status_list_and_events(service, compared):
