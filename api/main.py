@@ -1,4 +1,4 @@
-"""The FastAPI app (`api.main:app`). OpenAPI at /docs and /openapi.json.
+"""The FastAPI app (`api.main:app`). OpenAPI at /docs, /redoc and /openapi.json.
 
 The process also runs the event ingester, the job dispatcher and the lost-worker reaper as
 background threads, so one `uvicorn api.main:app` is the whole control plane; run several
@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from api.deps import get_redis
 from api.dispatch import dispatch_forever
@@ -45,7 +46,9 @@ async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(
+    """The app; its /docs and /redoc pages load Swagger UI and ReDoc from the installed
+    package (`fastapi-offline`), not from a CDN, so they work without internet."""
+    app = FastAPIOffline(
         title="warp-service",
         version="0.1.0",
         summary="WaRP safety-preserving fine-tuning jobs over HTTP.",

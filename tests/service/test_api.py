@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -42,7 +43,21 @@ def test_health_readiness_metrics_and_docs(http):
         assert name in metrics
     paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/files"} <= set(paths)
-    assert http.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_nothing_from_outside_the_server(http, page):
+    """Swagger UI and ReDoc come from the installed package: a machine without internet
+    still gets working docs (the CDN FastAPI uses by default would leave them blank)."""
+    html = http.get(page)
+    assert html.status_code == 200
+    assets = re.findall(r"(?:src|href)=\"([^\"]+)\"|url: '([^']+)'", html.text)
+    urls = [src or url for src, url in assets]
+    assert any(url.endswith(".js") for url in urls) and "/openapi.json" in html.text
+    for url in urls:
+        assert url.startswith("/"), url  # same server, no CDN
+        asset = http.get(url)
+        assert asset.status_code == 200 and len(asset.content) > 1000, url
 
 
 @pytest.mark.parametrize(
