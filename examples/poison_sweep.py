@@ -29,16 +29,21 @@ from typing import Any
 
 import torch
 
+from warp_core.attacks import ATTACKS, attack_metric
 from warp_core.pipeline import run
 from warp_core.spec import JobSpec
 from warp_core.toy import ToyConfig, make_toy_model, toy_job
 
 COLUMNS = {
     "refusal_rate": "refusal",
-    "worst_attack_refusal_rate": "refusal, worst attack",
+    "contrast_refusal_rate": "XSTest unsafe",
+    **{attack_metric(name): name.replace("_", " ") for name in ATTACKS},
+    "worst_attack_refusal_rate": "worst attack",
     "over_refusal_rate": "over-refusal",
     "utility_loss": "utility loss",
 }
+"""Figures after fine-tuning: refusal rates on the held-out harmful questions (plain, then
+under each attack), on XSTest's unsafe prompts, over-refusal on held-out GSM8K questions."""
 
 
 def poisoned_job(toy: Path, seed: int, method: str, ratio: float, utility_rows: int) -> JobSpec:
