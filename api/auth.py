@@ -28,6 +28,7 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -139,9 +140,11 @@ BEARER = HTTPBearer(
 Authorization, and a scheme is what Swagger UI and other clients know to send a key for."""
 
 
-def authenticate(
+async def authenticate(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
 ) -> Caller:
+    """The caller of a key; a recently seen key costs no thread hop and no database trip
+    (async, so that FastAPI does not run it in the thread pool)."""
     if not settings.auth_required:
         return ANONYMOUS_ADMIN
     key = credentials.credentials.strip() if credentials else ""
@@ -150,36 +153,39 @@ def authenticate(
     digest = hash_key(key)
     if cached := RECENT_KEYS.get(digest):
         return cached
+    caller = await run_in_threadpool(_look_up, digest)
+    RECENT_KEYS.put(digest, caller)
+    return caller
+
+
+def _look_up(digest: str) -> Caller:
     with session_scope() as session:
         row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
         if row is None or row.revoked_at is not None:
             raise _unauthorized(REFUSED)
-        caller = Caller(
+        return Caller(
             key_id=row.id,
             admin=row.admin,
             rate_limit_per_minute=row.rate_limit_per_minute or settings.rate_limit_per_minute,
             max_active_jobs=row.max_active_jobs or settings.max_active_jobs,
         )
-    RECENT_KEYS.put(digest, caller)
-    return caller
 
 
 def too_many(code: str, message: str, retry_after_s: int) -> ApiError:
     return ApiError(429, code, message, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
-def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: RedisDep) -> Caller:
+async def rate_limited(
+    caller: Annotated[Caller, Depends(authenticate)], client: RedisDep
+) -> Caller:
     """The caller, if its key is not revoked and within its request rate this minute (a
-    fixed window in Redis; one round trip for both)."""
+    fixed window in Redis; one round trip for both, in the thread pool)."""
     if caller.key_id is None or caller.rate_limit_per_minute is None:
         return caller
     now = time.time()
     window = int(now // 60)
-    counter = rate_key(caller.key_id, window)
     try:
-        with client.pipeline() as pipe:
-            pipe.exists(revoked_key(caller.key_id)).incr(counter).expire(counter, 120)
-            revoked, count, _ = pipe.execute()
+        revoked, count = await run_in_threadpool(_count, client, caller.key_id, window)
     except redis.RedisError:
         return caller  # fail open: reads must work while Redis is down
     if revoked:
@@ -192,6 +198,15 @@ def rate_limited(caller: Annotated[Caller, Depends(authenticate)], client: Redis
             int((window + 1) * 60 - now) + 1,
         )
     return caller
+
+
+def _count(client: redis.Redis, key_id: str, window: int) -> tuple[bool, int]:
+    """Whether the key is revoked, and its requests in this window, this one included."""
+    counter = rate_key(key_id, window)
+    with client.pipeline() as pipe:
+        pipe.exists(revoked_key(key_id)).incr(counter).expire(counter, 120)
+        revoked, count, _ = pipe.execute()
+    return bool(revoked), count
 
 
 CallerDep = Annotated[Caller, Depends(rate_limited)]

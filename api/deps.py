@@ -29,5 +29,15 @@ def get_store() -> ArtifactStore:
     return ArtifactStore(settings.resolved_artifact_url)
 
 
-RedisDep = Annotated[redis.Redis, Depends(get_redis)]
-StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+async def _redis() -> redis.Redis:
+    return get_redis()
+
+
+async def _store() -> ArtifactStore:
+    return get_store()
+
+
+# Async getters: FastAPI runs a plain `def` dependency in the thread pool, a hop per request
+# for what is a cached object.
+RedisDep = Annotated[redis.Redis, Depends(_redis)]
+StoreDep = Annotated[ArtifactStore, Depends(_store)]

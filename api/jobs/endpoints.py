@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated
@@ -15,7 +16,7 @@ from pydantic.json_schema import SkipJsonSchema
 from sse_starlette.sse import EventSourceResponse
 
 from api.auth import Caller, CallerDep
-from api.db import session_scope
+from api.db import read_scope, session_scope
 from api.deps import RedisDep, StoreDep
 from api.dispatch import dispatch_soon
 from api.errors import ERROR_RESPONSES, ApiError, error_response
@@ -86,10 +87,29 @@ def compare_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, caller: CallerDep) -> JobOut:
-    with session_scope() as session:
-        return JobOut.of(service.get_job(session, job_id, caller))
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={304: {"description": "Not modified: the job is as the `ETag` sent says"}},
+)
+async def get_job(
+    job_id: str,
+    caller: CallerDep,
+    if_none_match: Annotated[str | None, Header(description="An `ETag` of this job")] = None,
+) -> Response:
+    """The job. Its `ETag` changes whenever anything in the answer does: send it back as
+    `If-None-Match` and an unchanged job is a `304` with no body.
+
+    The status poll every client repeats: async on the read engine (one database round
+    trip, no thread-pool hop) and serialized once, by pydantic, without a second pass
+    through FastAPI's response validation."""
+    async with read_scope() as session:
+        job = await service.read_job(session, job_id, caller)
+    body = JobOut.of(job).model_dump_json().encode()
+    etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
 @router.post(

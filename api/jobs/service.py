@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import redis
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, too_many
@@ -212,6 +213,14 @@ def _check_uploads(session: Session, spec: JobSpec, caller: Caller) -> None:
 def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -> Job:
     """The job, if the caller may see it; another key's job is a 404 like a missing one."""
     job = session.get(Job, job_id, with_for_update=lock)
+    if job is None or not caller.owns(job.owner_id):
+        raise not_found("job", job_id)
+    return job
+
+
+async def read_job(session: AsyncSession, job_id: str, caller: Caller) -> Job:
+    """`get_job` on the async read engine (the status poll)."""
+    job = await session.get(Job, job_id)
     if job is None or not caller.owns(job.owner_id):
         raise not_found("job", job_id)
     return job

@@ -106,6 +106,21 @@ def test_unknown_ids_are_404(http, path):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
+def test_a_status_poll_with_the_jobs_etag_is_a_304_until_the_job_changes(http, tiny_job):
+    job_id = http.post("/v1/jobs", json=tiny_job).json()["id"]
+    first = http.get(f"/v1/jobs/{job_id}")
+    assert http.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    wait_for(http, job_id, {"cancelled"}, 60)
+    final = http.get(f"/v1/jobs/{job_id}")
+    etag = final.headers["etag"]
+    assert first.headers["etag"] != etag and final.json()["status"] == "cancelled"
+    stale = http.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": first.headers["etag"]})
+    assert stale.status_code == 200 and stale.json() == final.json()
+    for sent in (etag, f'"other", {etag}'):
+        same = http.get(f"/v1/jobs/{job_id}", headers={"If-None-Match": sent})
+        assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == etag
+
+
 def test_cancelling_an_unknown_job_is_404(http):
     assert http.post("/v1/jobs/nope/cancel").status_code == 404
 
