@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from sqlalchemy import DateTime, MetaData, TypeDecorator, create_engine, event
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from service.config import settings
@@ -84,18 +79,10 @@ def _sqlite_pragmas(connection, _record) -> None:
 engine = make_engine(settings.resolved_database_url)
 SessionLocal = sessionmaker(engine, expire_on_commit=False)
 read_engine = make_read_engine(settings.resolved_database_url)
-ReadSession = async_sessionmaker(read_engine, expire_on_commit=False)
 
 
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session committed on success and rolled back on error (for background loops)."""
     with SessionLocal() as session, session.begin():
-        yield session
-
-
-@asynccontextmanager
-async def read_scope() -> AsyncIterator[AsyncSession]:
-    """An async session for reads (autocommit: nothing to commit or roll back)."""
-    async with ReadSession() as session:
         yield session

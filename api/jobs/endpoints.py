@@ -16,7 +16,7 @@ from pydantic.json_schema import SkipJsonSchema
 from sse_starlette.sse import EventSourceResponse
 
 from api.auth import Caller, CallerDep
-from api.db import read_scope, session_scope
+from api.db import read_engine, session_scope
 from api.deps import RedisDep, StoreDep
 from api.dispatch import dispatch_soon
 from api.errors import ERROR_RESPONSES, ApiError, error_response
@@ -103,8 +103,8 @@ async def get_job(
     The status poll every client repeats: async on the read engine (one database round
     trip, no thread-pool hop) and serialized once, by pydantic, without a second pass
     through FastAPI's response validation."""
-    async with read_scope() as session:
-        job = await service.read_job(session, job_id, caller)
+    async with read_engine.connect() as connection:
+        job = await service.read_job(connection, job_id, caller)
     body = JobOut.of(job).model_dump_json().encode()
     etag = f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
     if if_none_match is not None and etag in {tag.strip() for tag in if_none_match.split(",")}:

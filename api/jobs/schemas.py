@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Row
 
 from api.models import Artifact, Job, JobEvent
 from service.status import JobStatus
@@ -17,7 +18,7 @@ class Progress(BaseModel):
     total_steps: int
 
     @classmethod
-    def of(cls, job: Job) -> Progress:
+    def of(cls, job: Job | Row) -> Progress:
         """A job's progress as both views of it (native and OpenAI) show it."""
         return cls(
             fraction=job.progress_fraction,
@@ -45,7 +46,8 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> JobOut:
+    def of(cls, job: Job | Row) -> JobOut:
+        """A job as answered: an ORM `Job`, or a row of `service.JOB_OUT_COLUMNS`."""
         return cls(
             id=job.id,
             status=job.status,

@@ -8,9 +8,10 @@ import uuid
 from typing import TYPE_CHECKING
 
 import redis
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import bindparam, func, select, tuple_
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.orm import Session
 
 from api.auth import Caller, too_many
@@ -218,12 +219,38 @@ def get_job(session: Session, job_id: str, caller: Caller, lock: bool = False) -
     return job
 
 
-async def read_job(session: AsyncSession, job_id: str, caller: Caller) -> Job:
-    """`get_job` on the async read engine (the status poll)."""
-    job = await session.get(Job, job_id)
-    if job is None or not caller.owns(job.owner_id):
+JOB_OUT_COLUMNS = (
+    Job.id,
+    Job.owner_id,
+    Job.status,
+    Job.phase,
+    Job.progress_fraction,
+    Job.progress_step,
+    Job.progress_total_steps,
+    Job.spec,
+    Job.metrics,
+    Job.error_code,
+    Job.error_message,
+    Job.attempt,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+)
+"""What `JobOut.of` reads of a job: a row of these has the attributes it needs."""
+
+
+READ_JOB = select(*JOB_OUT_COLUMNS).where(Job.id == bindparam("job_id"))
+"""Built once: executing the same statement object skips adapting the cached compiled
+form's result columns to a new one, which was most of the query's CPU."""
+
+
+async def read_job(connection: AsyncConnection, job_id: str, caller: Caller) -> Row:
+    """`get_job` for the status poll: the columns a `JobOut` shows, in one Core query on
+    the async read engine (an ORM load cost the poll a fifth of its CPU)."""
+    row = (await connection.execute(READ_JOB, {"job_id": job_id})).first()
+    if row is None or not caller.owns(row.owner_id):
         raise not_found("job", job_id)
-    return job
+    return row
 
 
 def list_jobs(
