@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO ?= .warp
 
-.PHONY: install services test lint demo clean
+.PHONY: install services browser test lint demo clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,11 @@ lint: install
 services:
 	bash .ci/services
 
-test: lint services
+# Chromium for the dashboard's browser tests: an installed one is used, else apt-get's.
+browser:
+	bash .ci/browser
+
+test: lint services browser
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest
 
 # The service in embedded mode (SQLite, in-process Redis protocol), a demo job over HTTP.

@@ -25,6 +25,7 @@ from api.ingest import Ingester
 from api.jobs.endpoints import compare_router
 from api.jobs.endpoints import router as jobs_router
 from api.reaper import Reaper
+from api.ui.router import install_ui
 
 
 @asynccontextmanager
@@ -61,6 +62,7 @@ def create_app() -> FastAPI:
     app.include_router(files_router)
     app.include_router(fine_tuning_router)
     app.include_router(health_router)
+    install_ui(app)
     return app
 
 

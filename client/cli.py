@@ -61,7 +61,10 @@ def serve(
     """Start the API and one worker; embedded defaults where no server is configured."""
     exit_on_sigterm()
     with EmbeddedService(home, port) as service:
-        console.print(f"API on {service.url} (docs: {service.url}/docs); logs in {service.log_dir}")
+        console.print(
+            f"API on {service.url} (dashboard: {service.url}/ui, docs: {service.url}/docs); "
+            f"logs in {service.log_dir}"
+        )
         console.print("Ctrl-C stops it.")
         try:
             while all(p.poll() is None for p in service.processes):
@@ -97,7 +100,9 @@ def demo(
     )
     spec = json.loads((toy_dir / "spec.json").read_text())
     with EmbeddedService(home, free_port()) as service:
-        console.print(f"service up on {service.url} (docs: {service.url}/docs)")
+        console.print(
+            f"service up on {service.url} (dashboard: {service.url}/ui, docs: {service.url}/docs)"
+        )
         plot = home / "demo" / "tradeoff.png"
         result = run_comparison(WarpClient(service.url), spec, ablations, plot)
     console.print(f"artifacts (model, metrics, report.md) in {home / 'artifacts' / 'jobs'}/<id>/")
