@@ -82,6 +82,7 @@ def compare_jobs(
     rules = {job.metrics["refusal_rule"] for job in jobs if job.metrics}
     return Comparison(
         jobs=jobs,
+        labels=names,
         refusal_rule=rules.pop() if len(rules) == 1 else None,
         markdown=comparison_markdown(entries),
     )

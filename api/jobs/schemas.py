@@ -97,5 +97,6 @@ class ArtifactOut(BaseModel):
 
 class Comparison(BaseModel):
     jobs: list[JobOut]
+    labels: list[str] = Field(description="What each job is (`warp`, `full, poison 0.1`, ...)")
     refusal_rule: str | None = Field(description="The rule all compared jobs used, if one")
     markdown: str = Field(description="Before/after metrics per job as a Markdown table")

@@ -6,6 +6,7 @@ the live stack (uvicorn, PostgreSQL, Redis, a Celery worker).
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -138,3 +139,56 @@ def test_another_keys_jobs_never_appear(page, service, tiny_job):
     expect(page.locator("#job-error")).to_contain_text("no job")
     expect(page.locator("#job-status")).to_have_text("")
     assert service.http.post(f"/v1/jobs/{mine}/cancel").status_code == 200
+
+
+def test_two_finished_jobs_are_compared_as_warp_compare_shows_them(page, service, tiny_job):
+    jobs = []
+    for method in ("warp", "full"):
+        spec = copy.deepcopy(tiny_job)
+        spec["method"] = method
+        spec["hyperparameters"]["max_steps"] = 2
+        jobs.append(service.http.post("/v1/jobs", json=spec).json()["id"])
+    for job_id in jobs:
+        assert wait_for(service.http, job_id, {"succeeded"})["status"] == "succeeded"
+    api = service.http.get("/v1/compare", params={"ids": jobs}).json()
+    sign_in(page, service.key)
+    for job_id in jobs:
+        page.locator(f"tr[data-id='{job_id}'] input[type=checkbox]").check()
+    page.click("#compare")
+    rows = page.locator("#comparison-table tr")
+    expect(rows).to_have_count(3)
+    header = api["markdown"].splitlines()[0]
+    expect(rows.first).to_contain_text(header.split(" | ")[1])
+    assert [rows.nth(i).locator("td").first.inner_text() for i in (1, 2)] == api["labels"]
+    expect(page.locator("#verdicts li")).to_contain_text("of full's utility-loss drop")
+    arrows = page.locator("#tradeoff g.arrow")
+    expect(arrows).to_have_count(2)
+    assert [arrows.nth(i).get_attribute("data-label") for i in (0, 1)] == ["warp", "full"]
+    screenshot(page, "compare")
+
+
+def test_a_spec_is_submitted_from_the_page_with_the_servers_field_errors(page, service, tiny_job):
+    sign_in(page, service.key)
+    page.click("#nav a[href='#/submit']")
+    page.fill("#spec", "{not json")
+    page.click("#submit-form button")
+    expect(page.locator("#spec-errors li")).to_contain_text("not JSON")
+    bad = copy.deepcopy(tiny_job)
+    bad["hyperparameters"]["learning_rate"] = -1
+    bad["eval"]["attacks"] = ["dan"]
+    page.fill("#spec", json.dumps(bad, indent=2))
+    page.click("#submit-form button")
+    errors = page.locator("#spec-errors li")
+    expect(errors).to_have_count(2)
+    expect(errors.first).to_contain_text("eval.attacks: ")
+    expect(page.locator("#spec-errors")).to_contain_text("hyperparameters.learning_rate: ")
+    screenshot(page, "submit")
+    page.fill("#spec", json.dumps(tiny_job))
+    page.click("#submit-form button")
+    expect(page.locator("#job")).to_be_visible()
+    job_id = page.locator("#job-id").inner_text()
+    assert (
+        service.http.get(f"/v1/jobs/{job_id}").json()["spec"]["base_model"]
+        == tiny_job["base_model"]
+    )
+    service.http.post(f"/v1/jobs/{job_id}/cancel")

@@ -5,7 +5,9 @@
 
 const KEY = "warp-api-key";
 const ACTIVE = new Set(["queued", "running", "pausing", "paused", "cancelling"]);
-const VIEWS = ["sign-in", "jobs", "job"];
+const VIEWS = ["sign-in", "jobs", "job", "comparison", "submit"];
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 let stopView = () => {};
 
@@ -62,8 +64,12 @@ function route() {
   stopView();
   stopView = () => {};
   if (!apiKey()) return show("sign-in");
-  const match = location.hash.match(/^#\/jobs\/([0-9a-zA-Z_-]+)$/);
-  if (match) showJob(match[1]);
+  const hash = location.hash;
+  const job = hash.match(/^#\/jobs\/([0-9a-zA-Z_-]+)$/);
+  const compared = hash.match(/^#\/compare\/([0-9a-zA-Z_,-]+)$/);
+  if (job) showJob(job[1]);
+  else if (compared) showComparison(compared[1].split(","));
+  else if (hash === "#/submit") showSubmit();
   else showJobs();
 }
 
@@ -97,17 +103,33 @@ function element(tag, text = "", className = "") {
 
 function showJobs() {
   show("jobs");
+  const selected = new Set();
+  const compare = $("compare");
+  const choose = (id, on) => {
+    if (on) selected.add(id);
+    else selected.delete(id);
+    compare.disabled = selected.size < 2 || selected.size > 8;
+  };
+  compare.disabled = true;
+  compare.onclick = () => (location.hash = `#/compare/${[...selected].join(",")}`);
   stopView = every(2000, async () => {
     const page = await json("/v1/jobs?limit=100");
     $("no-jobs").hidden = page.data.length > 0;
-    $("job-rows").replaceChildren(...page.data.map(jobRow));
+    $("job-rows").replaceChildren(...page.data.map((job) => jobRow(job, selected, choose)));
   });
 }
 
-function jobRow(job) {
+function jobRow(job, selected, choose) {
   const row = element("tr");
   row.dataset.id = job.id;
   row.dataset.status = job.status;
+  const box = element("input");
+  box.type = "checkbox";
+  box.checked = selected.has(job.id);
+  box.onchange = () => choose(job.id, box.checked);
+  const pick = element("td");
+  pick.append(box);
+  row.append(pick);
   const link = element("a", job.id.slice(0, 12));
   link.href = `#/jobs/${job.id}`;
   const id = element("td");
@@ -260,13 +282,13 @@ function drawChart(points) {
   const y = (v) => height - pad - ((v - low) / Math.max(high - low, 1e-9)) * (height - 2 * pad);
   const line = (key, className) => {
     const path = points.filter((p) => p[key] !== undefined).map((p) => `${x(p.step)},${y(p[key])}`);
-    const polyline = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    const polyline = document.createElementNS(SVG, "polyline");
     polyline.setAttribute("points", path.join(" "));
     polyline.setAttribute("class", className);
     return polyline;
   };
   const label = (text, lx, ly) => {
-    const node = document.createElementNS("http://www.w3.org/2000/svg", "text");
+    const node = document.createElementNS(SVG, "text");
     node.setAttribute("x", lx);
     node.setAttribute("y", ly);
     node.textContent = text;
@@ -282,6 +304,109 @@ function drawChart(points) {
   );
   svg.dataset.points = points.length;
   svg.dataset.lastStep = last;
+}
+
+// -- several jobs side by side: the table and plot of `warp compare` ----------------------
+
+async function showComparison(ids) {
+  show("comparison");
+  for (const id of ["comparison-table", "verdicts", "tradeoff"]) $(id).replaceChildren();
+  $("comparison-error").textContent = "";
+  const query = ids.map((id) => `ids=${encodeURIComponent(id)}`).join("&");
+  let result;
+  try {
+    result = await json(`/v1/compare?${query}`);
+  } catch (error) {
+    $("comparison-error").textContent = error.message;
+    return;
+  }
+  renderMarkdownTable(result.markdown);
+  $("refusal-rule").textContent = result.refusal_rule ? `Refusals judged by: ${result.refusal_rule}` : "";
+  drawTradeoff(result.labels, result.jobs.map((job) => job.metrics || {}));
+}
+
+// The API's Markdown table (one source for its columns), shown as an HTML table; the lines
+// after it are the verdicts against plain fine-tuning.
+function renderMarkdownTable(markdown) {
+  const lines = markdown.split("\n");
+  const cells = (line) => line.slice(1, -1).split(" | ").map((cell) => cell.trim());
+  const rows = lines.filter((line) => line.startsWith("|") && !line.startsWith("| ---"));
+  $("comparison-table").replaceChildren(
+    ...rows.map((line, index) => {
+      const row = element("tr");
+      for (const text of cells(line)) row.append(element(index === 0 ? "th" : "td", text));
+      return row;
+    }),
+  );
+  const verdicts = lines.filter((line) => line.startsWith("- ")).map((line) => line.slice(2));
+  $("verdicts").replaceChildren(...verdicts.map((text) => element("li", text)));
+}
+
+// Refusal rate against utility loss: an arrow per job from before (hollow) to after (filled).
+function drawTradeoff(labels, metrics) {
+  const svg = $("tradeoff");
+  const [width, height, pad] = [600, 320, 44];
+  const done = metrics.map((m, i) => [labels[i], m, COLORS[i % COLORS.length]]).filter(([, m]) => m.before && m.after);
+  const losses = done.flatMap(([, m]) => [m.before.utility_loss, m.after.utility_loss]);
+  const [low, high] = [Math.min(...losses), Math.max(...losses)];
+  const x = (loss) => pad + ((loss - low) / Math.max(high - low, 1e-9)) * (width - 2 * pad);
+  const y = (rate) => height - pad - rate * (height - 2 * pad);
+  const node = (tag, attributes, text = "") => {
+    const made = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attributes)) made.setAttribute(name, value);
+    made.textContent = text;
+    return made;
+  };
+  const parts = [
+    node("text", { x: 4, y: pad }, "refusal 1.0"),
+    node("text", { x: 4, y: height - pad }, "refusal 0.0"),
+    node("text", { x: pad, y: height - 8 }, `utility loss ${low.toFixed(3)}`),
+    node("text", { x: width - pad - 110, y: height - 8 }, `${high.toFixed(3)}`),
+  ];
+  done.forEach(([label, m, color], index) => {
+    const [x0, y0] = [x(m.before.utility_loss), y(m.before.refusal_rate)];
+    const [x1, y1] = [x(m.after.utility_loss), y(m.after.refusal_rate)];
+    const arrow = node("g", { class: "arrow", "data-label": label });
+    arrow.append(
+      node("line", { x1: x0, y1: y0, x2: x1, y2: y1, stroke: color, "stroke-width": 2 }),
+      node("circle", { cx: x0, cy: y0, r: 5, fill: "none", stroke: color }),
+      node("circle", { cx: x1, cy: y1, r: 5, fill: color }),
+      node("text", { x: width - 190, y: 16 + 14 * index, style: `fill: ${color}` }, `● ${label}`),
+    );
+    parts.push(arrow);
+  });
+  svg.replaceChildren(...parts);
+}
+
+// -- submitting a job ----------------------------------------------------------------------
+
+function showSubmit() {
+  show("submit");
+  $("spec-errors").replaceChildren();
+  $("submit-form").onsubmit = async (event) => {
+    event.preventDefault();
+    let spec;
+    try {
+      spec = JSON.parse($("spec").value);
+    } catch (error) {
+      $("spec-errors").replaceChildren(element("li", `not JSON: ${error.message}`));
+      return;
+    }
+    const response = await api("/v1/jobs", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(spec),
+    });
+    const body = await response.json();
+    if (response.ok) {
+      location.hash = `#/jobs/${body.id}`;
+      return;
+    }
+    const fields = body.error.fields || [{ field: body.error.param || "", reason: body.error.message }];
+    $("spec-errors").replaceChildren(
+      ...fields.map((f) => element("li", f.field ? `${f.field}: ${f.reason}` : f.reason)),
+    );
+  };
 }
 
 async function loadArtifacts(id) {
