@@ -139,6 +139,9 @@ def test_warp_serve_starts_the_embedded_service_from_an_empty_directory(installe
         wait_ready(f"http://127.0.0.1:{port}", [serve], tmp_path / "home" / "logs", timeout_s=120)
         jobs = httpx.get(f"http://127.0.0.1:{port}/v1/jobs", timeout=10)
         assert jobs.status_code == 200 and jobs.json()["data"] == []
+        # the dashboard and the API docs come from the installed package, not a checkout
+        for page in ("/ui", "/ui/static/app.js", "/docs", "/static-offline-docs/swagger-ui.css"):
+            assert httpx.get(f"http://127.0.0.1:{port}{page}", timeout=10).status_code == 200
     finally:
         serve.send_signal(signal.SIGTERM)
         assert serve.wait(timeout=60) in (0, 143)
