@@ -38,6 +38,16 @@ GSM8K_TEST_ROWS = 100
 MBPP_TASK_IDS = range(601, 701)  # the first 100 tasks of MBPP's train split (601-974)
 
 
+def write_csv(out: Path, rows: list[dict[str, str]], columns: tuple[str, ...]) -> int:
+    """`rows` with only `columns`, as Python's `csv` writes them (quoted where needed, LF line
+    ends); the number of rows."""
+    with out.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return len(rows)
+
+
 def slice_do_not_answer(src: Path, out: Path) -> int:
     """The first `DNA_ROWS` rows of data_en.csv, keeping only `DNA_COLUMNS`."""
     with src.open(newline="", encoding="utf-8") as f:
@@ -48,13 +58,7 @@ def slice_do_not_answer(src: Path, out: Path) -> int:
         rows = [row for _, row in zip(range(DNA_ROWS), reader, strict=False)]
     if len(rows) != DNA_ROWS:
         raise ValueError(f"{src}: {len(rows)} rows, expected at least {DNA_ROWS}")
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=DNA_COLUMNS, extrasaction="ignore", lineterminator="\n"
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    return len(rows)
+    return write_csv(out, rows, DNA_COLUMNS)
 
 
 def do_not_answer_questions(src: Path, out: Path) -> int:
@@ -65,13 +69,7 @@ def do_not_answer_questions(src: Path, out: Path) -> int:
         if missing:
             raise ValueError(f"{src}: missing columns {sorted(missing)}")
         rows = list(reader)
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=DNA_QUESTION_COLUMNS, extrasaction="ignore", lineterminator="\n"
-        )
-        writer.writeheader()
-        writer.writerows(rows)
-    return len(rows)
+    return write_csv(out, rows, DNA_QUESTION_COLUMNS)
 
 
 def do_not_answer_harmful(src: Path, out: Path) -> int:
@@ -86,13 +84,7 @@ def do_not_answer_harmful(src: Path, out: Path) -> int:
         for model in DNA_MODELS
         if row[f"{model}_harmful"] == "1"
     ]
-    with out.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(
-            f, fieldnames=DNA_HARMFUL_COLUMNS, extrasaction="ignore", lineterminator="\n"
-        )
-        writer.writeheader()
-        writer.writerows(answers)
-    return len(answers)
+    return write_csv(out, answers, DNA_HARMFUL_COLUMNS)
 
 
 def head_lines(src: Path, out: Path, n: int) -> int:
