@@ -281,14 +281,14 @@ class Pipeline:
         write_json(path, data)
 
     def training_examples(self, which: str) -> list[Example]:
-        """A training set's examples; the utility data's with its poison mixed in."""
+        """A training set's examples; the utility data's with its poison mixed in (each
+        dataset recorded once, with the rows the job trains on)."""
         ref = getattr(self.spec, which)
-        examples = self.read(which, ref)
         poison = getattr(ref, "poison", None)
         if poison is None:
-            return examples
+            return self.read(which, ref)
         harmful = load_examples(poison)
-        mixed, count = mix_poison(examples, harmful, poison.ratio, self.hp.seed)
+        mixed, count = mix_poison(load_examples(ref), harmful, poison.ratio, self.hp.seed)
         self.record(which, ref, len(mixed) - count)
         self.record(f"{which}.poison", poison, count)
         self.emit(
